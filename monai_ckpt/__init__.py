@@ -1,0 +1,19 @@
+"""monai-ckpt: correct, planned and measured gradient checkpointing for MONAI's 3D segmentation networks."""
+
+from .checkpoint import CHECKPOINT_MODES, CheckpointedSequential, checkpoint, checkpoint_submodules
+from .networks import CheckpointUNet
+from .policies import CheckpointGroup, Segment, resolve_policy, validate_policy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CHECKPOINT_MODES",
+    "CheckpointGroup",
+    "CheckpointUNet",
+    "CheckpointedSequential",
+    "Segment",
+    "checkpoint",
+    "checkpoint_submodules",
+    "resolve_policy",
+    "validate_policy",
+]

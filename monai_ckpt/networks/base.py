@@ -1,0 +1,126 @@
+"""What the checkpoint-aware networks share: a policy attribute and a segment-chain executor.
+
+A U-shaped network is run, while checkpointing, as a flat chain of steps in the parent's execution order.
+Each step is one segment: ``fn(x, *skips) -> x``, which may consume skip tensors (decoder) and push its
+output for a later step (encoder). A checkpoint group of consecutive steps becomes one call of
+`monai_ckpt.checkpoint` whose inputs are the running tensor and the skips the group consumes, and whose
+outputs are the running tensor and the skips it leaves for later. Groups never nest, so each segment is
+recomputed at most once per backward. Module names never change: the chain only calls the parent's modules.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import checkpoint
+from ..policies import CheckpointGroup, PolicySpec, Segment, resolve_policy
+
+__all__ = ["ChainStep", "CheckpointPolicyMixin", "check_input_shape", "run_chain"]
+
+
+def check_input_shape(net: nn.Module, x: torch.Tensor, in_channels: int, multiple: Sequence[int]) -> None:
+    """Raise a ValueError that says what is wrong and what would be right when ``net`` cannot take ``x``."""
+    name = type(net).__name__
+    spatial = len(multiple)
+    expected = f"(batch, {in_channels}, " + ", ".join(f"k*{m}" for m in multiple) + ")"
+    if x.ndim != spatial + 2 or x.shape[1] != in_channels:
+        raise ValueError(f"{name} expects an input of shape {expected}, got {tuple(x.shape)}.")
+    sizes = tuple(int(s) for s in x.shape[2:])
+    if any(s % m for s, m in zip(sizes, multiple)):
+        fixed = tuple(max(m, -(-s // m) * m) for s, m in zip(sizes, multiple))
+        raise ValueError(
+            f"{name} cannot take spatial size {sizes}: each spatial size must be a multiple of "
+            f"{tuple(multiple)} (the product of its strides), e.g. pad to {fixed} "
+            "(monai.transforms.DivisiblePad or a sliding-window roi_size of such a size)."
+        )
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """One segment of a network as a step of the flat chain."""
+
+    segment: Segment
+    fn: Callable[..., torch.Tensor]
+    pops: int = 0
+    push: bool = False
+
+
+def _run_steps(steps: Sequence[ChainStep], x: torch.Tensor, *skips: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    stack = list(skips)
+    for step in steps:
+        popped = [stack.pop() for _ in range(step.pops)]
+        x = step.fn(x, *popped)
+        if step.push:
+            stack.append(x)
+    return (x, *stack)
+
+
+def _skips_needed(steps: Sequence[ChainStep]) -> int:
+    depth = need = 0
+    for step in steps:
+        depth -= step.pops
+        need = max(need, -depth)
+        depth += step.push
+    return need
+
+
+def run_chain(steps: Sequence[ChainStep], groups: Sequence[CheckpointGroup], x: torch.Tensor) -> torch.Tensor:
+    """Run ``steps`` on ``x``, checkpointing each group of consecutive steps as one unit."""
+    starts = {group.names[0]: group for group in groups}
+    stack: list[torch.Tensor] = []
+    i = 0
+    while i < len(steps):
+        group = starts.get(steps[i].segment.name)
+        if group is None:
+            x, *stack = _run_steps(steps[i : i + 1], x, *stack)
+            i += 1
+            continue
+        chunk = steps[i : i + len(group.names)]
+        need = _skips_needed(chunk)
+        kept, given = stack[: len(stack) - need], stack[len(stack) - need :]
+        x, *pushed = checkpoint(_run_steps, chunk, x, *given, mode=group.mode)
+        stack = kept + pushed
+        i += len(chunk)
+    return x
+
+
+class CheckpointPolicyMixin:
+    """Adds ``checkpoint_policy`` and ``checkpoint_segments()`` to a network that implements
+    ``_chain_steps()``. The network's forward calls ``_checkpointing()`` and then ``_checkpointed_forward``.
+    """
+
+    __jit_unused_properties__ = ["checkpoint_policy"]
+    __jit_ignored_attributes__ = ["_checkpoint_spec", "_checkpoint_groups"]
+
+    def _chain_steps(self) -> list[ChainStep]:
+        raise NotImplementedError
+
+    def checkpoint_segments(self) -> list[Segment]:
+        """The ordered segments a policy chooses from (name, level, kind), in execution order."""
+        return [step.segment for step in self._chain_steps()]
+
+    @property
+    def checkpoint_policy(self) -> PolicySpec:
+        """The checkpoint policy spec (see `monai_ckpt.policies`); assign a new one at any time."""
+        return self._checkpoint_spec
+
+    @checkpoint_policy.setter
+    def checkpoint_policy(self, spec: PolicySpec) -> None:
+        groups = resolve_policy(spec, self.checkpoint_segments())
+        nn.Module.__setattr__(self, "_checkpoint_groups", groups)
+        nn.Module.__setattr__(self, "_checkpoint_spec", spec)
+
+    def checkpoint_groups(self) -> list[CheckpointGroup]:
+        """The groups of segments the current policy recomputes together, in execution order."""
+        return list(self._checkpoint_groups)
+
+    @torch.jit.unused
+    def _checkpointing(self) -> bool:
+        return bool(self._checkpoint_groups) and self.training and torch.is_grad_enabled()  # type: ignore[attr-defined]
+
+    @torch.jit.unused
+    def _checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_chain(self._chain_steps(), self._checkpoint_groups, x)

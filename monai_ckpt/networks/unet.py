@@ -1,0 +1,113 @@
+"""Checkpoint-aware drop-in subclass of MONAI's UNet."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from monai.networks.layers.factories import Act, Norm
+from monai.networks.nets import UNet
+from monai.utils import ensure_tuple_rep
+from torch import nn
+
+from ..policies import PolicySpec, Segment
+from .base import ChainStep, CheckpointPolicyMixin, check_input_shape
+
+__all__ = ["CheckpointUNet"]
+
+
+def _join(skip_connection: nn.Module, up: nn.Module, y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``up(SkipConnection(...)(skip))`` given the sub-network output ``y``: the same ops as MONAI's."""
+    if skip_connection.mode == "cat":
+        merged = torch.cat([skip, y], dim=skip_connection.dim)
+    elif skip_connection.mode == "add":
+        merged = torch.add(skip, y)
+    else:
+        merged = torch.mul(skip, y)
+    return up(merged)
+
+
+class CheckpointUNet(CheckpointPolicyMixin, UNet):
+    """MONAI's `UNet` with gradient checkpointing driven by a segment policy.
+
+    A drop-in replacement: same constructor, same modules, parameter names and state_dict keys as
+    `monai.networks.nets.UNet`, so weights load both ways; outputs, gradients and BatchNorm statistics
+    equal the parent's. In ``eval()`` mode, without autograd or under TorchScript the forward is the
+    parent's forward. Segments, in execution order: ``encoder0`` .. ``encoder{n-2}`` (the down path of each
+    level), ``bottleneck``, ``decoder{n-2}`` .. ``decoder0`` (skip merge + up path of each level).
+
+    Args:
+        spatial_dims, in_channels, out_channels, channels, strides, kernel_size, up_kernel_size,
+        num_res_units, act, norm, dropout, bias, adn_ordering: as for `monai.networks.nets.UNet`.
+        checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`.
+            Defaults to ``"all"``; can be changed at any time through the attribute of the same name.
+
+    Examples::
+
+        from monai_ckpt import CheckpointUNet
+
+        net = CheckpointUNet(3, 1, 2, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2),
+                             num_res_units=2, checkpoint_policy="all")
+        net.load_state_dict(plain_unet.state_dict())  # plain MONAI UNet weights load as they are
+        net.checkpoint_policy = "cheap"
+        [s.name for s in net.checkpoint_segments()]   # ['encoder0', ..., 'bottleneck', ..., 'decoder0']
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int],
+        strides: Sequence[int],
+        kernel_size: Sequence[int] | int = 3,
+        up_kernel_size: Sequence[int] | int = 3,
+        num_res_units: int = 0,
+        act: tuple | str = Act.PRELU,
+        norm: tuple | str = Norm.INSTANCE,
+        dropout: float = 0.0,
+        bias: bool = True,
+        adn_ordering: str = "NDA",
+        *,
+        checkpoint_policy: PolicySpec = "all",
+    ) -> None:
+        super().__init__(
+            spatial_dims, in_channels, out_channels, channels, strides, kernel_size, up_kernel_size,
+            num_res_units, act, norm, dropout, bias, adn_ordering,
+        )  # fmt: skip
+        self.checkpoint_policy = checkpoint_policy
+
+    def _levels(self) -> list[nn.Sequential]:
+        levels = [self.model]
+        for _ in range(len(self.channels) - 2):
+            levels.append(levels[-1][1].submodule)
+        return levels
+
+    def _chain_steps(self) -> list[ChainStep]:
+        levels = self._levels()
+        steps = [ChainStep(Segment(f"encoder{i}", i, "encoder"), level[0], push=True) for i, level in enumerate(levels)]
+        steps.append(ChainStep(Segment("bottleneck", len(levels), "bottleneck"), levels[-1][1].submodule))
+        for i in reversed(range(len(levels))):
+            join = functools.partial(_join, levels[i][1], levels[i][2])
+            steps.append(ChainStep(Segment(f"decoder{i}", i, "decoder"), join, pops=1))
+        return steps
+
+    def _size_multiple(self) -> list[int]:
+        """Per spatial dim, what each input size must be a multiple of for the skip merges to line up."""
+        multiple = [1] * self.dimensions
+        for stride in self.strides[: len(self.channels) - 1]:
+            per_dim = ensure_tuple_rep(stride, self.dimensions)
+            multiple = [m * int(s) for m, s in zip(multiple, per_dim)]
+        return multiple
+
+    @torch.jit.unused
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_input_shape(self, x, self.in_channels, self._size_multiple())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+            if self._checkpointing():
+                return self._checkpointed_forward(x)
+        return self.model(x)
