@@ -10,7 +10,7 @@ recomputed at most once per backward. Module names never change: the chain only 
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -21,15 +21,26 @@ from ..policies import CheckpointGroup, PolicySpec, Segment, resolve_policy
 __all__ = ["ChainStep", "CheckpointPolicyMixin", "check_input_shape", "run_chain"]
 
 
-def check_input_shape(net: nn.Module, x: torch.Tensor, in_channels: int, multiple: Sequence[int]) -> None:
-    """Raise a ValueError that says what is wrong and what would be right when ``net`` cannot take ``x``."""
+def check_input_shape(
+    net: nn.Module,
+    x: torch.Tensor,
+    in_channels: int,
+    multiple: Sequence[int],
+    accepts: Optional[Callable[[tuple[int, ...]], bool]] = None,
+) -> None:
+    """Raise a ValueError that says what is wrong and what would be right when ``net`` cannot take ``x``.
+
+    ``multiple`` is what each spatial size should be a multiple of; ``accepts(sizes)``, when given, says
+    exactly which sizes the parent network can run (it may accept more than the multiples).
+    """
     name = type(net).__name__
     spatial = len(multiple)
     expected = f"(batch, {in_channels}, " + ", ".join(f"k*{m}" for m in multiple) + ")"
     if x.ndim != spatial + 2 or x.shape[1] != in_channels:
         raise ValueError(f"{name} expects an input of shape {expected}, got {tuple(x.shape)}.")
     sizes = tuple(int(s) for s in x.shape[2:])
-    if any(s % m for s, m in zip(sizes, multiple)):
+    ok = accepts(sizes) if accepts is not None else not any(s % m for s, m in zip(sizes, multiple))
+    if not ok:
         fixed = tuple(max(m, -(-s // m) * m) for s, m in zip(sizes, multiple))
         raise ValueError(
             f"{name} cannot take spatial size {sizes}: each spatial size must be a multiple of "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -93,17 +94,24 @@ class CheckpointUNet(CheckpointPolicyMixin, UNet):
             steps.append(ChainStep(Segment(f"decoder{i}", i, "decoder"), join, pops=1))
         return steps
 
-    def _size_multiple(self) -> list[int]:
-        """Per spatial dim, what each input size must be a multiple of for the skip merges to line up."""
-        multiple = [1] * self.dimensions
-        for stride in self.strides[: len(self.channels) - 1]:
-            per_dim = ensure_tuple_rep(stride, self.dimensions)
-            multiple = [m * int(s) for m, s in zip(multiple, per_dim)]
-        return multiple
+    def _per_dim_strides(self) -> list[tuple[int, ...]]:
+        return [tuple(int(s) for s in ensure_tuple_rep(st, self.dimensions)) for st in self.strides[: len(self.channels) - 1]]
+
+    def _accepts(self, sizes: tuple[int, ...]) -> bool:
+        """Whether the parent can run this spatial size: a strided conv gives ceil(n / s) and its transposed
+        conv s * that, so every level below the top must divide by its stride for the skip merge to line up
+        (the top level has no merge at input resolution; an odd top size only changes the output size)."""
+        for d, n in enumerate(sizes):
+            for level, strides in enumerate(self._per_dim_strides()):
+                if level > 0 and n % strides[d]:
+                    return False
+                n = -(-n // strides[d])
+        return True
 
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
-        check_input_shape(self, x, self.in_channels, self._size_multiple())
+        multiple = [math.prod(s[d] for s in self._per_dim_strides()) for d in range(self.dimensions)]
+        check_input_shape(self, x, self.in_channels, multiple, self._accepts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():

@@ -1,0 +1,161 @@
+"""Benchmark CLI: peak training memory and step-time ratio of each checkpoint policy vs the plain network.
+
+    python -m monai_ckpt.benchmark --network unet --shape 96 96 96 --batch 1 --policies none all cheap sqrt
+    python -m monai_ckpt.benchmark --shape 256 256 256 --batch 2 --estimate      # FakeTensorMode, seconds
+
+Memory is the exact live-tensor peak of one training step (``monai_ckpt.profiling``); time is the median
+step time relative to the plain MONAI network, interleaved in one process (skipped with ``--estimate``).
+A row for MONAI's own ``CheckpointUNet`` is added when MONAI has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .policies import validate_policy
+from .profiling import MiB, measure_step_memory, step_time_ratios
+
+__all__ = ["BenchmarkRow", "NETWORKS", "run_benchmark", "main"]
+
+DEFAULT_POLICIES = ["none", "all", "cheap", "sqrt", "encoder", "decoder"]
+
+
+def _unet_kwargs(spatial_dims: int, in_channels: int) -> dict:
+    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2,
+                channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+
+
+NETWORKS: dict[str, Callable[[int, int], dict]] = {"unet": _unet_kwargs}
+
+
+@dataclass
+class BenchmarkRow:
+    name: str
+    peak_mib: float
+    peak_vs_plain: float
+    time_ratio: float | None
+    voxels_per_s: float | None
+    by_category_mib: dict[str, float]
+
+
+def _factories(network: str, spatial_dims: int, in_channels: int, policies: Sequence, with_monai: bool):
+    from monai.networks.nets import UNet
+
+    from .networks import CheckpointUNet
+
+    kwargs = NETWORKS[network](spatial_dims, in_channels)
+    out: list[tuple[str, Callable[[], nn.Module]]] = [("MONAI UNet (plain)", lambda: UNet(**kwargs))]
+    for policy in policies:
+        out.append((f"CheckpointUNet {json.dumps(policy)}", lambda p=policy: CheckpointUNet(**kwargs, checkpoint_policy=p)))
+    if with_monai:
+        try:
+            from monai.networks.nets.unet import CheckpointUNet as MonaiCheckpointUNet
+        except ImportError:
+            pass
+        else:
+            out.append(("MONAI CheckpointUNet", lambda: MonaiCheckpointUNet(**kwargs)))
+    return out
+
+
+def run_benchmark(
+    network: str = "unet",
+    shape: Sequence[int] = (96, 96, 96),
+    batch: int = 1,
+    in_channels: int = 1,
+    policies: Sequence = DEFAULT_POLICIES,
+    estimate: bool = False,
+    amp: bool = False,
+    steps: int = 3,
+    with_monai: bool = True,
+    progress: bool = True,
+) -> list[BenchmarkRow]:
+    """Measure every policy; the first row is the plain MONAI network all ratios refer to."""
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network {network!r}; valid: {', '.join(NETWORKS)}.")
+    if len(shape) not in (2, 3) or any(int(s) < 1 for s in shape):
+        raise ValueError(f"--shape takes 2 or 3 positive sizes (H W or D H W), got {list(shape)}.")
+    policies = [validate_policy(p) for p in policies]
+    named = _factories(network, len(shape), in_channels, policies, with_monai)
+    input_shape = (batch, in_channels, *shape)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    bar = tqdm(total=len(named) + (0 if estimate else 1), desc="benchmark", disable=not progress, file=sys.stderr) if tqdm else None
+    peaks = []
+    for name, factory in named:
+        if bar:
+            bar.set_postfix_str(f"memory: {name}")
+        peaks.append(measure_step_memory(factory, input_shape, estimate=estimate, amp=amp))
+        if bar:
+            bar.update()
+    ratios: list[float | None] = [None] * len(named)
+    voxels: list[float | None] = [None] * len(named)
+    if not estimate:
+        if bar:
+            bar.set_postfix_str("step time (interleaved)")
+        medians, ratios = step_time_ratios([f for _, f in named], input_shape, steps=steps, amp=amp)
+        n_vox = batch * int(torch.tensor(shape).prod())
+        voxels = [n_vox / m for m in medians]
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    base = peaks[0].peak
+    return [
+        BenchmarkRow(name, p.peak / MiB, p.peak / base, r, v, {k: round(b / MiB, 1) for k, b in p.by_category.items()})
+        for (name, _), p, r, v in zip(named, peaks, ratios, voxels)
+    ]
+
+
+def format_table(rows: Sequence[BenchmarkRow]) -> str:
+    lines = [f"{'network / policy':<44} {'peak MiB':>10} {'vs plain':>9} {'saved':>7} {'time x':>7} {'Mvox/s':>8}"]
+    for r in rows:
+        t = f"{r.time_ratio:.2f}" if r.time_ratio is not None else "-"
+        v = f"{r.voxels_per_s / 1e6:.2f}" if r.voxels_per_s is not None else "-"
+        lines.append(f"{r.name:<44} {r.peak_mib:>10.1f} {r.peak_vs_plain:>8.1%} {1 - r.peak_vs_plain:>7.1%} {t:>7} {v:>8}")
+    return "\n".join(lines)
+
+
+def _policy_arg(text: str):
+    return json.loads(text) if text[:1] in "[{" else text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m monai_ckpt.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--network", default="unet", choices=sorted(NETWORKS))
+    parser.add_argument("--shape", type=int, nargs="+", default=[96, 96, 96], help="spatial size, D H W (or H W)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--in-channels", type=int, default=1)
+    parser.add_argument("--policies", type=_policy_arg, nargs="+", default=DEFAULT_POLICIES,
+                        help='policy specs; JSON for dicts/lists, e.g. \'{"every": 2}\'')
+    parser.add_argument("--estimate", action="store_true", help="FakeTensorMode: memory only, any size, seconds")
+    parser.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on CUDA)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per network after one warm-up step")
+    parser.add_argument("--no-monai", action="store_true", help="skip MONAI's own CheckpointUNet row")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    try:
+        rows = run_benchmark(args.network, args.shape, args.batch, args.in_channels, args.policies, args.estimate,
+                             args.amp, args.steps, not args.no_monai)
+    except ValueError as e:
+        parser.error(str(e))
+    mode = "estimate (FakeTensorMode)" if args.estimate else "measured (MemTracker, CPU)"
+    print(f"{args.network} {'x'.join(map(str, args.shape))} batch {args.batch}{' amp' if args.amp else ''}: "
+          f"peak memory of one training step, {mode}")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Policy specs: validation, resolution against a segment list, JSON round trip."""
+
+import json
+
+import pytest
+
+from monai_ckpt.policies import CheckpointGroup, Segment, resolve_policy, validate_policy
+
+SEGS = [Segment("encoder0", 0, "encoder"), Segment("encoder1", 1, "encoder"), Segment("encoder2", 2, "encoder"),
+        Segment("bottleneck", 3, "bottleneck"), Segment("decoder2", 2, "decoder"), Segment("decoder1", 1, "decoder"),
+        Segment("decoder0", 0, "decoder"), Segment("head", 0, "head")]
+NAMES = [s.name for s in SEGS]
+
+
+def groups(spec):
+    return [(g.names, g.mode) for g in resolve_policy(spec, SEGS)]
+
+
+def test_named_policies():
+    assert groups("none") == []
+    assert groups("all") == [((n,), "full") for n in NAMES]
+    assert groups("encoder") == [((n,), "full") for n in NAMES[:3]]
+    assert groups("bottleneck") == [(("bottleneck",), "full")]
+    assert groups("decoder") == [((n,), "full") for n in NAMES[4:7]]
+    assert groups("head") == [(("head",), "full")]
+    assert groups("cheap") == [((n,), "cheap") for n in NAMES]
+    assert groups("offload") == [((n,), "offload") for n in NAMES]
+
+
+def test_chunked_policies():
+    # sqrt(8) -> runs of 3 (Chen et al.): ceil(8 / 3) = 3 groups
+    assert [g for g, _ in groups("sqrt")] == [tuple(NAMES[0:3]), tuple(NAMES[3:6]), tuple(NAMES[6:8])]
+    assert [g for g, _ in groups({"every": 4})] == [tuple(NAMES[:4]), tuple(NAMES[4:])]
+    assert [g for g, _ in groups({"segments": 3})] == [tuple(NAMES[0:3]), tuple(NAMES[3:5]), tuple(NAMES[5:8])]
+    assert [g for g, _ in groups({"segments": 99})] == [(n,) for n in NAMES]
+    assert groups({"every": 2, "mode": "cheap"})[0] == (("encoder0", "encoder1"), "cheap")
+
+
+def test_names_and_kinds():
+    assert groups(["decoder0", "encoder0"]) == [(("encoder0",), "full"), (("decoder0",), "full")]
+    assert groups({"names": ["head"], "mode": "offload"}) == [(("head",), "offload")]
+    assert groups({"kind": "encoder", "mode": "cheap"}) == [((n,), "cheap") for n in NAMES[:3]]
+
+
+def test_specs_survive_json():
+    for spec in ["sqrt", {"every": 2, "mode": "cheap"}, ["encoder0"], {"segments": 2}]:
+        assert resolve_policy(json.loads(json.dumps(spec)), SEGS) == resolve_policy(spec, SEGS)
+    assert validate_policy(("encoder0",)) == ["encoder0"]
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("fast", ""), (3, ""), (None, ""), ([], "one or more segment names"), ({"every": 0}, "positive integer"),
+    ({"every": 2.5}, "positive integer"), ({"every": True}, "positive integer"),
+    ({"every": 2, "segments": 2}, "exactly one of"), ({"mode": "cheap"}, "exactly one of"),
+    ({"every": 2, "mode": "fast"}, "'mode' must be one of"), ({"kind": "middle"}, "'kind' must be one of"),
+    ({"budget": 8}, "unknown key"),
+])
+def test_invalid_specs_list_the_valid_ones(spec, why):
+    with pytest.raises(ValueError, match="valid policies are 'none', 'all', 'encoder'.*'sqrt', 'cheap', 'offload'") as e:
+        validate_policy(spec)
+    assert why in str(e.value)
+
+
+def test_unknown_segment_name_lists_the_real_ones():
+    with pytest.raises(ValueError, match=r"segment\(s\) \['decoder9'\] that this network does not have; its segments are \['encoder0'"):
+        resolve_policy(["decoder0", "decoder9"], SEGS)
+
+
+def test_groups_are_values():
+    assert CheckpointGroup(("a",)) == CheckpointGroup(("a",), "full")
