@@ -1,7 +1,7 @@
 """monai-ckpt: correct, planned and measured gradient checkpointing for MONAI's 3D segmentation networks."""
 
 from .checkpoint import CHECKPOINT_MODES, CheckpointedSequential, checkpoint, checkpoint_submodules
-from .networks import CheckpointUNet
+from .networks import CheckpointDynUNet, CheckpointUNet, CheckpointVNet
 from .policies import CheckpointGroup, Segment, resolve_policy, validate_policy
 
 __version__ = "0.1.0"
@@ -9,7 +9,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CHECKPOINT_MODES",
     "CheckpointGroup",
+    "CheckpointDynUNet",
     "CheckpointUNet",
+    "CheckpointVNet",
     "CheckpointedSequential",
     "Segment",
     "checkpoint",

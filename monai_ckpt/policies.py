@@ -16,6 +16,8 @@ Valid specs:
 - ``{"every": k}``: runs of k consecutive segments.
 - ``{"segments": k}``: k runs of (nearly) equal length over the whole network.
 - a list of segment names, e.g. ``["encoder0", "decoder0"]``: those segments, each on its own.
+- a list mixing names and dicts: the union of those sub-policies, which must not overlap, e.g.
+  ``[{"kind": "encoder"}, {"names": ["decoder0"], "mode": "cheap"}]``.
 - a dict may add ``"mode"`` (``"full"``, ``"cheap"`` or ``"offload"``) to any of the above:
   ``{"kind": "decoder", "mode": "cheap"}``, ``{"names": [...], "mode": "cheap"}``, ``{"every": 2, "mode": ...}``.
 """
@@ -39,7 +41,7 @@ PolicySpec = Union[str, Sequence[str], dict]
 
 VALID_POLICIES_TEXT = (
     f"{', '.join(repr(p) for p in NAMED_POLICIES)}, {{'every': k}}, {{'segments': k}}, "
-    "a list of segment names, or a dict of one of 'every'/'segments'/'kind'/'names' with an optional "
+    "a list of segment names and/or such dicts, or a dict of one of 'every'/'segments'/'kind'/'names' with an optional "
     f"'mode' in {CHECKPOINT_MODES}"
 )
 
@@ -90,8 +92,10 @@ def validate_policy(spec: Any) -> PolicySpec:
             raise _bad(spec)
         return spec
     if isinstance(spec, (list, tuple)):
-        if not spec or not all(isinstance(n, str) for n in spec):
-            raise _bad(spec, "a list must hold one or more segment names")
+        if not spec or not all(isinstance(n, (str, dict)) for n in spec):
+            raise _bad(spec, "a list must hold one or more segment names or policy dicts")
+        if any(isinstance(n, dict) for n in spec):
+            return [validate_policy(n) if isinstance(n, dict) else n for n in spec]
         return list(spec)
     if isinstance(spec, dict):
         unknown = set(spec) - set(_DICT_KEYS)
@@ -123,6 +127,22 @@ def _even_runs(n: int, count: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _union(specs: list, segments: Sequence[Segment]) -> list[CheckpointGroup]:
+    """A list of sub-policies: the union of their groups, which must not overlap."""
+    order = {s.name: i for i, s in enumerate(segments)}
+    groups: list[CheckpointGroup] = []
+    for sub in specs:
+        groups += resolve_policy([sub] if isinstance(sub, str) else sub, segments)
+    seen: dict[str, CheckpointGroup] = {}
+    for g in groups:
+        for name in g.names:
+            if name in seen:
+                raise ValueError(f"checkpoint_policy {specs!r} puts segment {name!r} in two groups; sub-policies "
+                                 "of a list must not overlap.")
+            seen[name] = g
+    return sorted(groups, key=lambda g: order[g.names[0]])
+
+
 def resolve_policy(spec: Any, segments: Sequence[Segment]) -> list[CheckpointGroup]:
     """Turn a policy spec into the checkpoint groups of a network with these ordered ``segments``.
 
@@ -131,6 +151,8 @@ def resolve_policy(spec: Any, segments: Sequence[Segment]) -> list[CheckpointGro
     """
     spec = validate_policy(spec)
     names = [s.name for s in segments]
+    if isinstance(spec, list) and any(isinstance(n, dict) for n in spec):
+        return _union(spec, segments)
     mode = "full"
     if isinstance(spec, dict):
         mode = spec.get("mode", "full")

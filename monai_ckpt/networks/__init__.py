@@ -1,5 +1,7 @@
 """Checkpoint-aware drop-in subclasses of MONAI networks."""
 
+from .dynunet import CheckpointDynUNet
 from .unet import CheckpointUNet
+from .vnet import CheckpointVNet
 
-__all__ = ["CheckpointUNet"]
+__all__ = ["CheckpointDynUNet", "CheckpointUNet", "CheckpointVNet"]

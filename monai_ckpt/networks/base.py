@@ -2,9 +2,11 @@
 
 A U-shaped network is run, while checkpointing, as a flat chain of steps in the parent's execution order.
 Each step is one segment: ``fn(x, *skips) -> x``, which may consume skip tensors (decoder) and push its
-output for a later step (encoder). A checkpoint group of consecutive steps becomes one call of
+output for a later step (encoder); or, for a side head (deep supervision), ``fn(x) -> head output``, which
+leaves ``x`` as it is and emits its output. A checkpoint group of consecutive steps becomes one call of
 `monai_ckpt.checkpoint` whose inputs are the running tensor and the skips the group consumes, and whose
-outputs are the running tensor and the skips it leaves for later. Groups never nest, so each segment is
+outputs are the running tensor, the skips it leaves for later and what it emits: every head output is an
+output of its checkpoint, so it gets its gradient (side effects inside a checkpoint would not). Groups never nest, so each segment is
 recomputed at most once per backward. Module names never change: the chain only calls the parent's modules.
 """
 
@@ -57,16 +59,22 @@ class ChainStep:
     fn: Callable[..., torch.Tensor]
     pops: int = 0
     push: bool = False
+    emit: bool = False
 
 
 def _run_steps(steps: Sequence[ChainStep], x: torch.Tensor, *skips: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Run steps; returns ``(x, *skips left on the stack, *emitted outputs)``."""
     stack = list(skips)
+    emitted = []
     for step in steps:
+        if step.emit:
+            emitted.append(step.fn(x))
+            continue
         popped = [stack.pop() for _ in range(step.pops)]
         x = step.fn(x, *popped)
         if step.push:
             stack.append(x)
-    return (x, *stack)
+    return (x, *stack, *emitted)
 
 
 def _skips_needed(steps: Sequence[ChainStep]) -> int:
@@ -78,24 +86,33 @@ def _skips_needed(steps: Sequence[ChainStep]) -> int:
     return need
 
 
-def run_chain(steps: Sequence[ChainStep], groups: Sequence[CheckpointGroup], x: torch.Tensor) -> torch.Tensor:
-    """Run ``steps`` on ``x``, checkpointing each group of consecutive steps as one unit."""
+def run_chain(
+    steps: Sequence[ChainStep], groups: Sequence[CheckpointGroup], x: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run ``steps`` on ``x``, checkpointing each group of consecutive steps as one unit.
+
+    Returns:
+        the final tensor and the emitted (side head) outputs in execution order.
+    """
     starts = {group.names[0]: group for group in groups}
     stack: list[torch.Tensor] = []
+    emitted: list[torch.Tensor] = []
     i = 0
     while i < len(steps):
         group = starts.get(steps[i].segment.name)
-        if group is None:
-            x, *stack = _run_steps(steps[i : i + 1], x, *stack)
-            i += 1
-            continue
-        chunk = steps[i : i + len(group.names)]
+        chunk = steps[i : i + (len(group.names) if group else 1)]
         need = _skips_needed(chunk)
         kept, given = stack[: len(stack) - need], stack[len(stack) - need :]
-        x, *pushed = checkpoint(_run_steps, chunk, x, *given, mode=group.mode)
+        if group is None:
+            outs = _run_steps(chunk, x, *given)
+        else:
+            outs = checkpoint(_run_steps, chunk, x, *given, mode=group.mode)
+        n_emit = sum(step.emit for step in chunk)
+        x, pushed = outs[0], list(outs[1 : len(outs) - n_emit])
+        emitted += outs[len(outs) - n_emit :]
         stack = kept + pushed
         i += len(chunk)
-    return x
+    return x, emitted
 
 
 class CheckpointPolicyMixin:
@@ -134,4 +151,4 @@ class CheckpointPolicyMixin:
 
     @torch.jit.unused
     def _checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_chain(self._chain_steps(), self._checkpoint_groups, x)
+        return run_chain(self._chain_steps(), self._checkpoint_groups, x)[0]

@@ -1,0 +1,140 @@
+"""Checkpoint-aware drop-in subclass of MONAI's DynUNet (the nnU-Net architecture)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks.dynunet_block import get_padding
+from monai.networks.nets import DynUNet
+from monai.utils import ensure_tuple_rep
+from torch.nn.functional import interpolate
+
+from ..policies import PolicySpec, Segment
+from .base import ChainStep, CheckpointPolicyMixin, check_input_shape, run_chain
+
+__all__ = ["CheckpointDynUNet"]
+
+
+def _up(block: torch.nn.Module, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    return block(x, skip)
+
+
+class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
+    """MONAI's `DynUNet` with gradient checkpointing driven by a segment policy.
+
+    A drop-in replacement: same constructor, modules, parameter names and state_dict keys (including the
+    duplicate ``skip_layers.*`` keys) as `monai.networks.nets.DynUNet`; outputs, gradients and normalisation
+    statistics equal the parent's. With deep supervision, every supervision head is an output of its
+    checkpoint and gets exactly the gradient it gets in the parent (not written into a list inside the
+    checkpoint, where it would silently get none); ``self.heads`` is still filled as the parent does.
+    In ``eval()``, without autograd or under TorchScript the forward is the parent's.
+
+    Segments, in execution order: ``encoder0`` (``input_block``), ``encoder1``..``encoder{n}``
+    (``downsamples``), ``bottleneck``, then from the bottom up ``decoder{i}`` (the up block that merges the
+    level-i skip) each followed, with deep supervision, by its head ``head{i}`` (i = 1..deep_supr_num), and
+    ``head0`` (``output_block``).
+
+    Args:
+        spatial_dims, in_channels, out_channels, kernel_size, strides, upsample_kernel_size, filters, dropout,
+        norm_name, act_name, deep_supervision, deep_supr_num, res_block, trans_bias: as for
+        `monai.networks.nets.DynUNet`.
+        checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`. Defaults to "all".
+
+    Examples::
+
+        from monai_ckpt import CheckpointDynUNet
+
+        net = CheckpointDynUNet(3, 4, 3, kernel_size=[3] * 6, strides=[1, 2, 2, 2, 2, 2],
+                                upsample_kernel_size=[2] * 5, deep_supervision=True, deep_supr_num=2,
+                                checkpoint_policy="sqrt")
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Sequence[Sequence[int] | int],
+        strides: Sequence[Sequence[int] | int],
+        upsample_kernel_size: Sequence[Sequence[int] | int],
+        filters: Sequence[int] | None = None,
+        dropout: tuple | str | float | None = None,
+        norm_name: tuple | str = ("INSTANCE", {"affine": True}),
+        act_name: tuple | str = ("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+        deep_supervision: bool = False,
+        deep_supr_num: int = 1,
+        res_block: bool = False,
+        trans_bias: bool = False,
+        *,
+        checkpoint_policy: PolicySpec = "all",
+    ) -> None:
+        super().__init__(
+            spatial_dims, in_channels, out_channels, kernel_size, strides, upsample_kernel_size, filters, dropout,
+            norm_name, act_name, deep_supervision, deep_supr_num, res_block, trans_bias,
+        )  # fmt: skip
+        self.checkpoint_policy = checkpoint_policy
+
+    def _n_heads(self) -> int:
+        return self.deep_supr_num if self.deep_supervision else 0
+
+    def _chain_steps(self) -> list[ChainStep]:
+        encoders = [self.input_block, *self.downsamples]
+        steps = [ChainStep(Segment(f"encoder{i}", i, "encoder"), block, push=True) for i, block in enumerate(encoders)]
+        steps.append(ChainStep(Segment("bottleneck", len(encoders), "bottleneck"), self.bottleneck))
+        ups = self.upsamples[::-1]  # ups[i] merges the skip of level i, as in DynUNet's skip layers
+        for i in reversed(range(len(encoders))):
+            steps.append(ChainStep(Segment(f"decoder{i}", i, "decoder"), functools.partial(_up, ups[i]), pops=1))
+            if 0 < i <= self._n_heads():
+                steps.append(ChainStep(Segment(f"head{i}", i, "head"), self.deep_supervision_heads[i - 1], emit=True))
+        steps.append(ChainStep(Segment("head0", 0, "head"), self.output_block))
+        return steps
+
+    def _accepts(self, sizes: tuple[int, ...]) -> bool:
+        """Whether the parent can run this spatial size: each strided conv gives floor((n + 2p - k) / s) + 1,
+        each transposed conv s times its input, and every skip merge must line up."""
+        kernels = [ensure_tuple_rep(k, self.spatial_dims) for k in self.kernel_size]
+        strides = [ensure_tuple_rep(s, self.spatial_dims) for s in self.strides]
+        for d, n in enumerate(sizes):
+            levels = [n]
+            for k, s in zip(kernels, strides):
+                p = ensure_tuple_rep(get_padding(k[d], s[d]), 1)[0]
+                levels.append((levels[-1] + 2 * p - k[d]) // s[d] + 1)
+            if min(levels) < 1:
+                return False
+            # the up block of level i upsamples level i+2 by strides[i+1] and merges level i+1
+            if any(levels[i + 2] * strides[i + 1][d] != levels[i + 1] for i in range(len(strides) - 1)):
+                return False
+        return True
+
+    @torch.jit.unused
+    def _check_input(self, x: torch.Tensor) -> None:
+        strides = [ensure_tuple_rep(s, self.spatial_dims) for s in self.strides]
+        multiple = [int(torch.tensor([s[d] for s in strides]).prod()) for d in range(self.spatial_dims)]
+        check_input_shape(self, x, self.in_channels, multiple, self._accepts)
+
+    @torch.jit.unused
+    def _checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, emitted = run_chain(self._chain_steps(), self._checkpoint_groups, x)
+        heads = emitted[::-1]  # emitted from the bottom up; the parent's list is top-down
+        for i, head in enumerate(heads):
+            self.heads[i] = head
+        if self.deep_supervision:
+            return torch.stack([out] + [interpolate(h, out.shape[2:]) for h in heads], dim=1)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+            if self._checkpointing():
+                return self._checkpointed_forward(x)
+        # DynUNet.forward, verbatim (TorchScript cannot call super())
+        out = self.skip_layers(x)
+        out = self.output_block(out)
+        if self.training and self.deep_supervision:
+            out_all = [out]
+            for feature_map in self.heads:
+                out_all.append(interpolate(feature_map, out.shape[2:]))
+            return torch.stack(out_all, dim=1)
+        return out

@@ -1,0 +1,99 @@
+"""Checkpoint-aware drop-in subclass of MONAI's VNet."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import VNet
+from monai.utils import deprecated_arg
+
+from ..policies import PolicySpec, Segment
+from .base import ChainStep, CheckpointPolicyMixin, check_input_shape
+
+__all__ = ["CheckpointVNet"]
+
+_DOWN = ("in_tr", "down_tr32", "down_tr64", "down_tr128")
+_UP = ("up_tr256", "up_tr128", "up_tr64", "up_tr32")
+
+
+class CheckpointVNet(CheckpointPolicyMixin, VNet):
+    """MONAI's `VNet` with gradient checkpointing driven by a segment policy.
+
+    A drop-in replacement: same constructor, modules, parameter names and state_dict keys as
+    `monai.networks.nets.VNet`; outputs, gradients and BatchNorm statistics (VNet normalises with BatchNorm
+    everywhere) equal the parent's, dropout masks included. In ``eval()``, without autograd or under
+    TorchScript the forward is the parent's. Segments, in execution order: ``encoder0`` (``in_tr``),
+    ``encoder1``..``encoder3`` (``down_tr32``..``down_tr128``), ``bottleneck`` (``down_tr256``),
+    ``decoder3``..``decoder0`` (``up_tr256``..``up_tr32``), ``head0`` (``out_tr``).
+
+    Args:
+        spatial_dims, in_channels, out_channels, act, dropout_prob, dropout_prob_down, dropout_prob_up,
+        dropout_dim, bias: as for `monai.networks.nets.VNet`.
+        checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`. Defaults to "all".
+
+    Examples::
+
+        from monai_ckpt import CheckpointVNet
+
+        net = CheckpointVNet(spatial_dims=3, in_channels=2, out_channels=3, checkpoint_policy="sqrt")
+        net.load_state_dict(plain_vnet.state_dict())
+    """
+
+    @deprecated_arg(
+        name="dropout_prob", since="1.2", new_name="dropout_prob_down",
+        msg_suffix="please use `dropout_prob_down` instead.",
+    )  # fmt: skip
+    @deprecated_arg(
+        name="dropout_prob", since="1.2", new_name="dropout_prob_up", msg_suffix="please use `dropout_prob_up` instead."
+    )
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        act: tuple[str, dict] | str = ("elu", {"inplace": True}),
+        dropout_prob: float | None = 0.5,  # deprecated, as in the parent
+        dropout_prob_down: float | None = 0.5,
+        dropout_prob_up: tuple[float | None, float] = (0.5, 0.5),
+        dropout_dim: int = 3,
+        bias: bool = False,
+        *,
+        checkpoint_policy: PolicySpec = "all",
+    ) -> None:
+        super().__init__(
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, act=act,
+            dropout_prob_down=dropout_prob_down, dropout_prob_up=dropout_prob_up, dropout_dim=dropout_dim, bias=bias,
+        )  # fmt: skip
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.checkpoint_policy = checkpoint_policy
+
+    def _chain_steps(self) -> list[ChainStep]:
+        steps = [ChainStep(Segment(f"encoder{i}", i, "encoder"), getattr(self, n), push=True) for i, n in enumerate(_DOWN)]
+        steps.append(ChainStep(Segment("bottleneck", len(_DOWN), "bottleneck"), self.down_tr256))
+        for i, name in zip(reversed(range(len(_UP))), _UP):
+            steps.append(ChainStep(Segment(f"decoder{i}", i, "decoder"), getattr(self, name), pops=1))
+        steps.append(ChainStep(Segment("head0", 0, "head"), self.out_tr))
+        return steps
+
+    @torch.jit.unused
+    def _check_input(self, x: torch.Tensor) -> None:
+        # four stride-2 convolutions (kernel 2, no padding) halve with floor; every skip merge must line up
+        check_input_shape(self, x, self.in_channels, [16] * self.spatial_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+            if self._checkpointing():
+                return self._checkpointed_forward(x)
+        # VNet.forward, verbatim (TorchScript cannot call super())
+        out16 = self.in_tr(x)
+        out32 = self.down_tr32(out16)
+        out64 = self.down_tr64(out32)
+        out128 = self.down_tr128(out64)
+        out256 = self.down_tr256(out128)
+        x = self.up_tr256(out256, out128)
+        x = self.up_tr128(x, out64)
+        x = self.up_tr64(x, out32)
+        x = self.up_tr32(x, out16)
+        x = self.out_tr(x)
+        return x

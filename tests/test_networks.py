@@ -1,0 +1,223 @@
+"""The drop-in contract of DESIGN.md, for every checkpoint-aware network against its MONAI parent."""
+
+import copy
+import io
+import sys
+
+import pytest
+import torch
+from monai.networks.nets import DynUNet, UNet, VNet
+
+from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet
+from helpers import assert_same_training, count_conv_calls
+
+
+def _dyn(ds=False, n=1, res=False, dims=3, norm="batch"):
+    return dict(spatial_dims=dims, in_channels=2, out_channels=3, kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2],
+                upsample_kernel_size=[2] * 4, filters=[4, 8, 16, 32, 64], deep_supervision=ds, deep_supr_num=n,
+                res_block=res, dropout=0.1, norm_name=norm)
+
+
+# name -> (parent, child, kwargs, input shape (B, C, *spatial))
+CASES = {
+    "unet3d": (UNet, CheckpointUNet, dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16),
+                                          strides=(2, 2), num_res_units=2, norm="batch", dropout=0.2), (2, 1, 16, 16, 16)),
+    "unet2d": (UNet, CheckpointUNet, dict(spatial_dims=2, in_channels=2, out_channels=3, channels=(4, 8, 16, 32),
+                                          strides=(2, 2, 1)), (2, 2, 32, 32)),
+    "vnet3d": (VNet, CheckpointVNet, dict(spatial_dims=3, in_channels=1, out_channels=2), (2, 1, 16, 16, 16)),
+    "vnet2d": (VNet, CheckpointVNet, dict(spatial_dims=2, in_channels=2, out_channels=3, act="prelu",
+                                          dropout_prob_down=0.3, dropout_dim=2), (2, 2, 32, 32)),
+    "dynunet": (DynUNet, CheckpointDynUNet, _dyn(), (2, 2, 16, 16, 16)),
+    "dynunet2d-res": (DynUNet, CheckpointDynUNet, _dyn(res=True, dims=2, norm="instance"), (2, 2, 32, 32)),
+    "dynunet-ds1": (DynUNet, CheckpointDynUNet, _dyn(ds=True, n=1), (2, 2, 16, 16, 16)),
+    "dynunet-ds3-res": (DynUNet, CheckpointDynUNet, _dyn(ds=True, n=3, res=True), (2, 2, 16, 16, 16)),
+    "dynunet-ds2": (DynUNet, CheckpointDynUNet, _dyn(ds=True, n=2, norm="instance"), (2, 2, 32, 32, 32)),
+}
+POLICIES = ["none", "all", "encoder", "decoder", "bottleneck", "head", "sqrt", "cheap", "offload", {"every": 2},
+            {"segments": 2}, {"segments": 1}]
+
+
+def make(case, policy="all"):
+    parent_cls, child_cls, kw, shape = CASES[case]
+    torch.manual_seed(0)
+    parent = parent_cls(**kw)
+    child = child_cls(**kw, checkpoint_policy=policy)
+    child.load_state_dict(parent.state_dict())
+    return parent, child, shape
+
+
+def loss_of(out):
+    # position-dependent weights, so every output element (and every deep-supervision head) matters
+    return (out.float() * torch.linspace(0, 1, out.numel()).view(out.shape)).square().mean()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_state_dict_keys_and_parameter_names(case):
+    parent, child, shape = make(case)
+    assert list(child.state_dict()) == list(parent.state_dict())
+    assert [n for n, _ in child.named_parameters()] == [n for n, _ in parent.named_parameters()]
+    plain = CASES[case][0](**CASES[case][2])
+    plain.load_state_dict(child.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_training_parity_is_exact(case, policy):
+    """Outputs, gradients, weights and norm buffers after 2 SGD steps with dropout: bit-identical."""
+    parent, child, shape = make(case, policy)
+    inputs = [torch.randn(*shape) for _ in range(2)]
+    assert_same_training(parent, child, inputs)
+
+
+@pytest.mark.parametrize("case", ["dynunet-ds1", "dynunet-ds2", "dynunet-ds3-res"])
+@pytest.mark.parametrize("policy", ["all", "head", "sqrt", {"segments": 1}, "cheap"], ids=str)
+def test_deep_supervision_heads_get_their_gradient(case, policy):
+    parent, child, shape = make(case, policy)
+    x = torch.randn(*shape)
+    for net in (parent, child):
+        torch.manual_seed(5)
+        out = net(x)
+        assert out.shape[1] == 1 + net.deep_supr_num
+        loss_of(out).backward()
+    for p, c in zip(parent.deep_supervision_heads.parameters(), child.deep_supervision_heads.parameters()):
+        assert c.grad is not None and c.grad.abs().sum() > 0
+        assert torch.equal(c.grad, p.grad)
+    for p, c in zip(parent.heads, child.heads):  # the parent's side-effect list is filled the same way
+        assert torch.equal(p, c)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("policy", ["all", "sqrt", {"segments": 1}], ids=str)
+def test_each_conv_runs_at_most_twice(case, policy):
+    _, child, shape = make(case, policy)
+    x = torch.randn(*shape)
+    counts = count_conv_calls(child, lambda: loss_of(child(x)).backward())
+    assert max(counts.values()) == 2 and min(counts.values()) >= 1
+    child.checkpoint_policy = "none"
+    assert set(count_conv_calls(child, lambda: loss_of(child(x)).backward()).values()) == {1}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_eval_no_grad_and_inference_are_the_plain_forward(case, monkeypatch):
+    parent, child, shape = make(case)
+    module = sys.modules["monai_ckpt.checkpoint"]
+    calls = []
+    orig = module._torch_checkpoint
+    monkeypatch.setattr(module, "_torch_checkpoint", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    x = torch.randn(*shape)
+    parent.eval(), child.eval()
+    assert torch.equal(child(x), parent(x))
+    child.train()
+    with torch.no_grad():
+        child(x)
+    with torch.inference_mode():
+        child(x)
+    assert calls == []
+    child(x)
+    assert len(calls) == len(child.checkpoint_groups()) == len(child.checkpoint_segments())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_torchscript_exports_the_plain_network(case):
+    parent, child, shape = make(case, "cheap")
+    try:
+        torch.jit.script(copy.deepcopy(parent))
+    except RuntimeError:
+        # MONAI's DynUNet with deep supervision does not script in this torch version: neither do we
+        with pytest.raises(RuntimeError):
+            torch.jit.script(child)
+        return
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(child), buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf).eval()
+    x = torch.randn(*shape)
+    assert torch.equal(loaded(x), parent.eval()(x))
+
+
+@pytest.mark.parametrize("case", ["unet3d", "vnet3d", "dynunet-ds2"])
+@pytest.mark.parametrize("policy", ["all", "cheap"])
+def test_autocast_bf16_matches_parent(case, policy):
+    parent, child, shape = make(case, policy)
+    x = torch.randn(*shape)
+    outs = []
+    for net in (parent, child):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+        loss_of(out).backward()
+        outs.append(out)
+    assert outs[1].dtype == outs[0].dtype
+    assert torch.equal(outs[0], outs[1])
+    for (name, p), c in zip(parent.named_parameters(), child.parameters()):
+        assert torch.equal(p.grad, c.grad), name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_segments_have_names_levels_and_kinds(case):
+    _, child, _ = make(case)
+    segs = child.checkpoint_segments()
+    names = [s.name for s in segs]
+    assert len(set(names)) == len(names)
+    assert names[0] == "encoder0" and "bottleneck" in names
+    kinds = [s.kind for s in segs]
+    assert kinds.index("bottleneck") == max(i for i, k in enumerate(kinds) if k == "encoder") + 1
+    assert all(s.level >= 0 for s in segs)
+    if "dynunet-ds" in case:
+        heads = [n for n in names if n.startswith("head") and n != "head0"]
+        assert len(heads) == child.deep_supr_num
+    child.checkpoint_policy = "head"
+    assert {g.names[0] for g in child.checkpoint_groups()} <= {n for n in names if n.startswith("head")}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_policy_and_input_shape_are_clear_errors(case):
+    parent_cls, child_cls, kw, shape = CASES[case]
+    with pytest.raises(ValueError, match="valid policies are"):
+        child_cls(**kw, checkpoint_policy="fastest")
+    with pytest.raises(ValueError, match=r"its segments are \['encoder0'"):
+        child_cls(**kw, checkpoint_policy=["encoder0", "decoder42"])
+    net = child_cls(**kw)
+    bad = (shape[0], shape[1] + 1, *shape[2:])
+    with pytest.raises(ValueError, match=rf"expects an input of shape \(batch, {shape[1]}, .*got {tuple(bad)}".replace("(", r"\(").replace(")", r"\)").replace(r"\\(", r"\(").replace(r"\\)", r"\)")):
+        net(torch.randn(*bad))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("size", [8, 12, 15, 16, 18, 20, 24, 30, 32])
+def test_input_size_check_agrees_with_the_parent(case, size):
+    """We reject exactly the spatial sizes the parent cannot run, with a message that says what would be right."""
+    parent_cls, child_cls, kw, shape = CASES[case]
+    parent, child = parent_cls(**kw).eval(), child_cls(**kw).eval()
+    x = torch.randn(1, shape[1], size, *shape[3:])
+    try:
+        expected = parent(x)
+    except (RuntimeError, ValueError):
+        with pytest.raises(ValueError, match=r"cannot take spatial size .* must be a multiple of .* e\.g\. pad to"):
+            child(x)
+    else:
+        assert child(x).shape == expected.shape
+
+
+def test_vnet_deprecated_dropout_prob_behaves_like_the_parent():
+    """MONAI maps the deprecated float `dropout_prob` onto the tuple `dropout_prob_up` and fails: so do we."""
+    outcomes = []
+    for cls in (VNet, CheckpointVNet):
+        with pytest.warns(FutureWarning, match="dropout_prob"), pytest.raises(TypeError) as e:
+            cls(spatial_dims=2, dropout_prob=0.2)
+        outcomes.append(str(e.value))
+    assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("bad", [
+    dict(kernel_size=[3] * 2, strides=[1, 2], upsample_kernel_size=[2]),
+    dict(kernel_size=[3] * 4, strides=[1, 2, 2], upsample_kernel_size=[2] * 3),
+    dict(kernel_size=[3] * 4, strides=[1, 2, 2, 2], upsample_kernel_size=[2] * 3, deep_supervision=True, deep_supr_num=3),
+])
+def test_dynunet_constructor_errors_match_parent(bad):
+    kw = dict(spatial_dims=3, in_channels=1, out_channels=2, **bad)
+    with pytest.raises(ValueError) as expected:
+        DynUNet(**kw)
+    with pytest.raises(ValueError) as got:
+        CheckpointDynUNet(**kw)
+    assert str(got.value) == str(expected.value)
