@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -27,12 +28,28 @@ __all__ = ["BenchmarkRow", "NETWORKS", "run_benchmark", "main"]
 DEFAULT_POLICIES = ["none", "all", "cheap", "sqrt", "encoder", "decoder"]
 
 
-def _unet_kwargs(spatial_dims: int, in_channels: int) -> dict:
+def _unet(spatial_dims: int, in_channels: int) -> dict:
     return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2,
                 channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
 
 
-NETWORKS: dict[str, Callable[[int, int], dict]] = {"unet": _unet_kwargs}
+def _vnet(spatial_dims: int, in_channels: int) -> dict:
+    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2)
+
+
+def _dynunet(spatial_dims: int, in_channels: int) -> dict:
+    """nnU-Net-like: 6 levels, filters 32..320, instance norm, leaky ReLU, deep supervision."""
+    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2, kernel_size=[3] * 6,
+                strides=[1, 2, 2, 2, 2, 2], upsample_kernel_size=[2] * 5, filters=(32, 64, 128, 256, 320, 320),
+                norm_name=("INSTANCE", {"affine": True}), deep_supervision=True, deep_supr_num=2)
+
+
+# name -> (MONAI class name, monai_ckpt class name, constructor kwargs for (spatial_dims, in_channels))
+NETWORKS: dict[str, tuple[str, str, Callable[[int, int], dict]]] = {
+    "unet": ("UNet", "CheckpointUNet", _unet),
+    "vnet": ("VNet", "CheckpointVNet", _vnet),
+    "dynunet": ("DynUNet", "CheckpointDynUNet", _dynunet),
+}
 
 
 @dataclass
@@ -46,21 +63,23 @@ class BenchmarkRow:
 
 
 def _factories(network: str, spatial_dims: int, in_channels: int, policies: Sequence, with_monai: bool):
-    from monai.networks.nets import UNet
+    import monai.networks.nets
 
-    from .networks import CheckpointUNet
+    from . import networks
 
-    kwargs = NETWORKS[network](spatial_dims, in_channels)
-    out: list[tuple[str, Callable[[], nn.Module]]] = [("MONAI UNet (plain)", lambda: UNet(**kwargs))]
+    parent_name, child_name, make_kwargs = NETWORKS[network]
+    parent, child = getattr(monai.networks.nets, parent_name), getattr(networks, child_name)
+    kwargs = make_kwargs(spatial_dims, in_channels)
+    out: list[tuple[str, Callable[[], nn.Module]]] = [(f"MONAI {parent_name} (plain)", lambda: parent(**kwargs))]
     for policy in policies:
-        out.append((f"CheckpointUNet {json.dumps(policy)}", lambda p=policy: CheckpointUNet(**kwargs, checkpoint_policy=p)))
-    if with_monai:
+        out.append((f"{child_name} {json.dumps(policy)}", lambda p=policy: child(**kwargs, checkpoint_policy=p)))
+    if with_monai and network == "unet":
         try:
             from monai.networks.nets.unet import CheckpointUNet as MonaiCheckpointUNet
         except ImportError:
             pass
         else:
-            out.append(("MONAI CheckpointUNet", lambda: MonaiCheckpointUNet(**kwargs)))
+            out.append(("MONAI CheckpointUNet (nested)", lambda: MonaiCheckpointUNet(**kwargs)))
     return out
 
 
@@ -102,7 +121,7 @@ def run_benchmark(
         if bar:
             bar.set_postfix_str("step time (interleaved)")
         medians, ratios = step_time_ratios([f for _, f in named], input_shape, steps=steps, amp=amp)
-        n_vox = batch * int(torch.tensor(shape).prod())
+        n_vox = batch * math.prod(shape)
         voxels = [n_vox / m for m in medians]
         if bar:
             bar.update()
@@ -116,11 +135,12 @@ def run_benchmark(
 
 
 def format_table(rows: Sequence[BenchmarkRow]) -> str:
-    lines = [f"{'network / policy':<44} {'peak MiB':>10} {'vs plain':>9} {'saved':>7} {'time x':>7} {'Mvox/s':>8}"]
+    width = max([44] + [len(r.name) for r in rows])
+    lines = [f"{'network / policy':<{width}} {'peak MiB':>10} {'vs plain':>9} {'saved':>7} {'time x':>7} {'Mvox/s':>8}"]
     for r in rows:
         t = f"{r.time_ratio:.2f}" if r.time_ratio is not None else "-"
         v = f"{r.voxels_per_s / 1e6:.2f}" if r.voxels_per_s is not None else "-"
-        lines.append(f"{r.name:<44} {r.peak_mib:>10.1f} {r.peak_vs_plain:>8.1%} {1 - r.peak_vs_plain:>7.1%} {t:>7} {v:>8}")
+        lines.append(f"{r.name:<{width}} {r.peak_mib:>10.1f} {r.peak_vs_plain:>8.1%} {1 - r.peak_vs_plain:>7.1%} {t:>7} {v:>8}")
     return "\n".join(lines)
 
 

@@ -52,8 +52,9 @@ def _cheap_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPol
 
 
 class _BatchNormGuard:
-    """While active (during a recomputation), every BatchNorm module run by this thread in training mode
-    updates scratch copies of its running statistics and ``num_batches_tracked`` instead of the real ones.
+    """While active (during a recomputation), every norm module with running statistics (BatchNorm,
+    SyncBatchNorm, InstanceNorm with ``track_running_stats``) run by this thread in training mode updates
+    scratch copies of its running statistics and ``num_batches_tracked`` instead of the real ones.
 
     The recomputation must save exactly the tensors the first forward saved (non-reentrant checkpointing
     matches them by order), so BatchNorm has to run with running buffers as before; pointing them at
@@ -71,7 +72,7 @@ class _BatchNormGuard:
     def _pre(self, module: nn.Module, args: Any) -> None:
         if (
             threading.get_ident() != self._thread
-            or not isinstance(module, nn.modules.batchnorm._BatchNorm)
+            or not isinstance(module, nn.modules.batchnorm._NormBase)
             or not (module.training and module.track_running_stats)
             or module in self._saved
         ):

@@ -1,21 +1,26 @@
 """Segment policies: which segments of a network are checkpointed, and how.
 
 A network exposes an ordered list of `Segment` (execution order: encoder levels top-down, bottleneck,
-decoder levels bottom-up, head). A policy is a plain, JSON-friendly value that `resolve_policy` turns into
-`CheckpointGroup` s: runs of consecutive segments, each run recomputed as one unit in backward with a
-checkpoint mode from `monai_ckpt.checkpoint.CHECKPOINT_MODES`. Segments in no group run plainly.
+decoder levels bottom-up, head). A segment is one or more consecutive *blocks* (its ``parts``, e.g.
+``decoder0.0``, ``decoder0.1``: the MONAI blocks it is made of). A policy is a plain, JSON-friendly value
+that `resolve_policy` turns into `CheckpointGroup` s: runs of consecutive blocks, each run recomputed as
+one unit in backward with a checkpoint mode from `monai_ckpt.checkpoint.CHECKPOINT_MODES`. Blocks in no
+group run plainly.
 
 Valid specs:
 
 - ``"none"``: no checkpointing.
 - ``"all"``: every segment on its own.
+- ``"blocks"``: every block of every segment on its own (finer than ``"all"``: less to recompute at a
+  time, more boundaries kept).
 - ``"encoder"``, ``"bottleneck"``, ``"decoder"``, ``"head"``: every segment of that kind on its own.
 - ``"sqrt"``: runs of about sqrt(n) segments (Chen et al., 2016), so that ~sqrt(n) boundaries are kept.
 - ``"cheap"``: every segment, keeping convolution outputs and recomputing only norm/activation/elementwise.
 - ``"offload"``: every segment's saved tensors go to (pinned) CPU memory; nothing is recomputed.
 - ``{"every": k}``: runs of k consecutive segments.
 - ``{"segments": k}``: k runs of (nearly) equal length over the whole network.
-- a list of segment names, e.g. ``["encoder0", "decoder0"]``: those segments, each on its own.
+- a list of segment or block names, e.g. ``["encoder0", "decoder0.1"]``: those segments/blocks, each on
+  its own.
 - a list mixing names and dicts: the union of those sub-policies, which must not overlap, e.g.
   ``[{"kind": "encoder"}, {"names": ["decoder0"], "mode": "cheap"}]``.
 - a dict may add ``"mode"`` (``"full"``, ``"cheap"`` or ``"offload"``) to any of the above:
@@ -34,14 +39,14 @@ from .checkpoint import CHECKPOINT_MODES
 __all__ = ["SEGMENT_KINDS", "Segment", "CheckpointGroup", "PolicySpec", "validate_policy", "resolve_policy"]
 
 SEGMENT_KINDS = ("encoder", "bottleneck", "decoder", "head")
-NAMED_POLICIES = ("none", "all", *SEGMENT_KINDS, "sqrt", "cheap", "offload")
+NAMED_POLICIES = ("none", "all", "blocks", *SEGMENT_KINDS, "sqrt", "cheap", "offload")
 _DICT_KEYS = ("every", "segments", "kind", "names", "mode")
 
 PolicySpec = Union[str, Sequence[str], dict]
 
 VALID_POLICIES_TEXT = (
     f"{', '.join(repr(p) for p in NAMED_POLICIES)}, {{'every': k}}, {{'segments': k}}, "
-    "a list of segment names and/or such dicts, or a dict of one of 'every'/'segments'/'kind'/'names' with an optional "
+    "a list of segment/block names and/or such dicts, or a dict of one of 'every'/'segments'/'kind'/'names' with an optional "
     f"'mode' in {CHECKPOINT_MODES}"
 )
 
@@ -54,16 +59,23 @@ class Segment:
         name: stable name used in policies, e.g. ``"encoder0"``, ``"bottleneck"``, ``"decoder2"``.
         level: resolution level, 0 for the highest resolution.
         kind: one of ``"encoder"``, ``"bottleneck"``, ``"decoder"``, ``"head"``.
+        parts: names of its blocks in execution order when it has more than one (``"decoder0.0"``, ...).
     """
 
     name: str
     level: int
     kind: str
+    parts: tuple[str, ...] = ()
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        """Its blocks' names: ``parts``, or just its own name."""
+        return self.parts or (self.name,)
 
 
 @dataclass(frozen=True)
 class CheckpointGroup:
-    """Consecutive segments recomputed together in backward, with a checkpoint mode."""
+    """Consecutive blocks recomputed together in backward, with a checkpoint mode."""
 
     names: tuple[str, ...]
     mode: str = "full"
@@ -129,7 +141,7 @@ def _even_runs(n: int, count: int) -> list[range]:
 
 def _union(specs: list, segments: Sequence[Segment]) -> list[CheckpointGroup]:
     """A list of sub-policies: the union of their groups, which must not overlap."""
-    order = {s.name: i for i, s in enumerate(segments)}
+    order = {b: i for i, b in enumerate(b for s in segments for b in s.blocks)}
     groups: list[CheckpointGroup] = []
     for sub in specs:
         groups += resolve_policy([sub] if isinstance(sub, str) else sub, segments)
@@ -137,7 +149,7 @@ def _union(specs: list, segments: Sequence[Segment]) -> list[CheckpointGroup]:
     for g in groups:
         for name in g.names:
             if name in seen:
-                raise ValueError(f"checkpoint_policy {specs!r} puts segment {name!r} in two groups; sub-policies "
+                raise ValueError(f"checkpoint_policy {specs!r} puts block {name!r} in two groups; sub-policies "
                                  "of a list must not overlap.")
             seen[name] = g
     return sorted(groups, key=lambda g: order[g.names[0]])
@@ -147,39 +159,54 @@ def resolve_policy(spec: Any, segments: Sequence[Segment]) -> list[CheckpointGro
     """Turn a policy spec into the checkpoint groups of a network with these ordered ``segments``.
 
     Raises:
-        ValueError: for an invalid spec, or segment names the network does not have.
+        ValueError: for an invalid spec, or segment/block names the network does not have.
     """
     spec = validate_policy(spec)
-    names = [s.name for s in segments]
     if isinstance(spec, list) and any(isinstance(n, dict) for n in spec):
         return _union(spec, segments)
     mode = "full"
     if isinstance(spec, dict):
         mode = spec.get("mode", "full")
         spec = {k: v for k, v in spec.items() if k != "mode"}
-        (key, value), = spec.items()
+        ((key, value),) = spec.items()
         spec = {"kind": value, "names": value}.get(key, spec)
     if spec in ("cheap", "offload"):
         mode, spec = spec, "all"
-    n = len(names)
+    n = len(segments)
     if spec == "none":
-        runs: list[range] = []
-    elif spec == "all":
-        runs = _runs(n, 1)
+        runs: list[list[Segment]] = []
+    elif spec in ("all", "blocks"):
+        runs = [[s] for s in segments]
     elif spec in SEGMENT_KINDS:
-        runs = [range(i, i + 1) for i, s in enumerate(segments) if s.kind == spec]
+        runs = [[s] for s in segments if s.kind == spec]
     elif spec == "sqrt":
-        runs = _runs(n, max(1, math.ceil(math.sqrt(n))))
+        runs = [list(segments[r.start : r.stop]) for r in _runs(n, max(1, math.ceil(math.sqrt(n))))]
     elif isinstance(spec, dict) and "every" in spec:
-        runs = _runs(n, spec["every"])
+        runs = [list(segments[r.start : r.stop]) for r in _runs(n, spec["every"])]
     elif isinstance(spec, dict) and "segments" in spec:
-        runs = _even_runs(n, spec["segments"])
+        runs = [list(segments[r.start : r.stop]) for r in _even_runs(n, spec["segments"])]
     else:
-        missing = [name for name in spec if name not in names]
-        if missing:
-            raise ValueError(
-                f"checkpoint_policy names segment(s) {missing} that this network does not have; "
-                f"its segments are {names}."
-            )
-        runs = [range(i, i + 1) for i, name in enumerate(names) if name in spec]
-    return [CheckpointGroup(tuple(names[i] for i in run), mode) for run in runs if len(run)]
+        return _named_groups(spec, segments, mode)
+    blocks = [tuple(b for s in run for b in s.blocks) for run in runs if run]
+    if spec == "blocks":
+        blocks = [(b,) for run in blocks for b in run]
+    return [CheckpointGroup(run, mode) for run in blocks]
+
+
+def _named_groups(names: Sequence[str], segments: Sequence[Segment], mode: str) -> list[CheckpointGroup]:
+    by_segment = {s.name: s.blocks for s in segments}
+    all_blocks = [b for s in segments for b in s.blocks]
+    missing = [n for n in names if n not in by_segment and n not in all_blocks]
+    if missing:
+        known = [s.name for s in segments]
+        parts = [b for s in segments if s.parts for b in s.parts]
+        raise ValueError(
+            f"checkpoint_policy names segment(s) {missing} that this network does not have; its segments are "
+            f"{known}" + (f" and its blocks {parts}." if parts else ".")
+        )
+    order = {b: i for i, b in enumerate(all_blocks)}
+    groups = [by_segment.get(n, (n,)) for n in dict.fromkeys(names)]
+    taken = [b for g in groups for b in g]
+    if len(taken) != len(set(taken)):
+        raise ValueError(f"checkpoint_policy {list(names)!r} names a block twice (a segment and one of its blocks).")
+    return [CheckpointGroup(g, mode) for g in sorted(groups, key=lambda g: order[g[0]])]

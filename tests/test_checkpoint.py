@@ -46,6 +46,22 @@ def test_checkpoint_matches_plain_with_batchnorm_and_dropout(mode, momentum):
     assert int(wrapped.body[1].num_batches_tracked) == 3
 
 
+def test_instance_norm_with_running_stats_is_counted_once():
+    body = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.InstanceNorm3d(3, track_running_stats=True), nn.ReLU())
+    ref = copy.deepcopy(body)
+    x = torch.randn(2, 2, 8, 8, 8)
+    for _ in range(2):
+        checkpoint(body, x).sum().backward()
+        ref(x).sum().backward()
+    for (name, a), b in zip(ref.state_dict().items(), body.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert body[1].running_mean.abs().sum() > 0
+    naive = copy.deepcopy(ref)
+    torch_checkpoint(naive, x, use_reentrant=False).sum().backward()  # torch's own: updates them twice
+    ref(x).sum().backward()
+    assert not torch.equal(naive[1].running_mean, ref[1].running_mean)
+
+
 def test_plain_torch_checkpoint_double_counts_batchnorm():
     """The hazard the primitive removes: torch's own checkpoint updates BatchNorm twice per step."""
     body = block()

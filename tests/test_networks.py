@@ -33,7 +33,7 @@ CASES = {
     "dynunet-ds3-res": (DynUNet, CheckpointDynUNet, _dyn(ds=True, n=3, res=True), (2, 2, 16, 16, 16)),
     "dynunet-ds2": (DynUNet, CheckpointDynUNet, _dyn(ds=True, n=2, norm="instance"), (2, 2, 32, 32, 32)),
 }
-POLICIES = ["none", "all", "encoder", "decoder", "bottleneck", "head", "sqrt", "cheap", "offload", {"every": 2},
+POLICIES = ["none", "all", "blocks", "encoder", "decoder", "bottleneck", "head", "sqrt", "cheap", "offload", {"every": 2},
             {"segments": 2}, {"segments": 1}]
 
 
@@ -87,7 +87,7 @@ def test_deep_supervision_heads_get_their_gradient(case, policy):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("policy", ["all", "sqrt", {"segments": 1}], ids=str)
+@pytest.mark.parametrize("policy", ["all", "blocks", "sqrt", {"segments": 1}], ids=str)
 def test_each_conv_runs_at_most_twice(case, policy):
     _, child, shape = make(case, policy)
     x = torch.randn(*shape)

@@ -56,7 +56,7 @@ def test_specs_survive_json():
     ({"budget": 8}, "unknown key"),
 ])
 def test_invalid_specs_list_the_valid_ones(spec, why):
-    with pytest.raises(ValueError, match="valid policies are 'none', 'all', 'encoder'.*'sqrt', 'cheap', 'offload'") as e:
+    with pytest.raises(ValueError, match="valid policies are 'none', 'all', 'blocks', 'encoder'.*'sqrt', 'cheap', 'offload'") as e:
         validate_policy(spec)
     assert why in str(e.value)
 
@@ -68,3 +68,29 @@ def test_unknown_segment_name_lists_the_real_ones():
 
 def test_groups_are_values():
     assert CheckpointGroup(("a",)) == CheckpointGroup(("a",), "full")
+
+
+SPLIT = [Segment("encoder0", 0, "encoder", ("encoder0.0", "encoder0.1")), Segment("bottleneck", 1, "bottleneck"),
+         Segment("decoder0", 0, "decoder", ("decoder0.0", "decoder0.1", "decoder0.2")), Segment("head0", 0, "head")]
+
+
+def test_segments_made_of_blocks():
+    def g(spec):
+        return [gr.names for gr in resolve_policy(spec, SPLIT)]
+
+    assert g("all") == [("encoder0.0", "encoder0.1"), ("bottleneck",), ("decoder0.0", "decoder0.1", "decoder0.2"),
+                        ("head0",)]
+    assert g("blocks") == [("encoder0.0",), ("encoder0.1",), ("bottleneck",), ("decoder0.0",), ("decoder0.1",),
+                           ("decoder0.2",), ("head0",)]
+    assert g({"every": 2}) == [("encoder0.0", "encoder0.1", "bottleneck"), ("decoder0.0", "decoder0.1", "decoder0.2",
+                                                                          "head0")]
+    assert g(["decoder0.2", "encoder0"]) == [("encoder0.0", "encoder0.1"), ("decoder0.2",)]
+    assert g([{"names": ["decoder0.0"]}, {"names": ["decoder0.1", "decoder0.2"], "mode": "cheap"}]) == [
+        ("decoder0.0",), ("decoder0.1",), ("decoder0.2",)]
+    with pytest.raises(ValueError, match=r"its segments are \['encoder0', 'bottleneck', 'decoder0', 'head0'\] and its "
+                                         r"blocks \['encoder0.0'"):
+        resolve_policy(["decoder0.7"], SPLIT)
+    with pytest.raises(ValueError, match="names a block twice"):
+        resolve_policy(["decoder0", "decoder0.1"], SPLIT)
+    with pytest.raises(ValueError, match="in two groups"):
+        resolve_policy([{"kind": "decoder"}, {"names": ["decoder0.1"], "mode": "cheap"}], SPLIT)

@@ -62,8 +62,15 @@ def test_segments_and_runtime_policy_switch():
     assert child.checkpoint_groups() == []
     child.checkpoint_policy = {"every": 2}
     assert child.checkpoint_policy == {"every": 2}
-    assert [g.names for g in child.checkpoint_groups()] == [("encoder0", "encoder1"), ("bottleneck", "decoder1"),
-                                                             ("decoder0",)]
+    assert [s.parts for s in child.checkpoint_segments()] == [
+        ("encoder0.0", "encoder0.1"), ("encoder1.0", "encoder1.1"), ("bottleneck.0", "bottleneck.1"),
+        ("decoder1.0", "decoder1.1", "decoder1.2"), ("decoder0.0", "decoder0.1", "decoder0.2")]
+    assert [g.names for g in child.checkpoint_groups()] == [
+        ("encoder0.0", "encoder0.1", "encoder1.0", "encoder1.1"),
+        ("bottleneck.0", "bottleneck.1", "decoder1.0", "decoder1.1", "decoder1.2"),
+        ("decoder0.0", "decoder0.1", "decoder0.2")]
+    child.checkpoint_policy = "blocks"
+    assert len(child.checkpoint_groups()) == 12
     child.checkpoint_policy = "cheap"
     assert {g.mode for g in child.checkpoint_groups()} == {"cheap"}
     with pytest.raises(ValueError, match="'every' must be a positive integer"):

@@ -1,13 +1,15 @@
-"""What the checkpoint-aware networks share: a policy attribute and a segment-chain executor.
+"""What the checkpoint-aware networks share: a policy attribute and a block-chain executor.
 
-A U-shaped network is run, while checkpointing, as a flat chain of steps in the parent's execution order.
-Each step is one segment: ``fn(x, *skips) -> x``, which may consume skip tensors (decoder) and push its
-output for a later step (encoder); or, for a side head (deep supervision), ``fn(x) -> head output``, which
-leaves ``x`` as it is and emits its output. A checkpoint group of consecutive steps becomes one call of
-`monai_ckpt.checkpoint` whose inputs are the running tensor and the skips the group consumes, and whose
+A U-shaped network is run, while checkpointing, as a flat chain of steps in the parent's execution order,
+one step per block (a segment such as ``decoder0`` is one or more blocks). A step is ``fn(x, *skips) -> x``:
+it may consume skip tensors (a decoder's merge), push its output for a later step (an encoder's skip) or
+carry extra tensors to a later block of its segment (a residual branch); a side head (deep supervision) is
+``fn(x) -> head output`` and leaves ``x`` as it is. A checkpoint group of consecutive blocks becomes one call
+of `monai_ckpt.checkpoint` whose inputs are the running tensor and the skips the group consumes, and whose
 outputs are the running tensor, the skips it leaves for later and what it emits: every head output is an
-output of its checkpoint, so it gets its gradient (side effects inside a checkpoint would not). Groups never nest, so each segment is
-recomputed at most once per backward. Module names never change: the chain only calls the parent's modules.
+output of its checkpoint, so it gets its gradient (a side effect inside a checkpoint would silently get
+none). Groups never nest, so each block is recomputed at most once per backward, and module names never
+change: the chain only calls the parent's own modules, in the parent's order (dropout masks included).
 """
 
 from collections.abc import Callable, Sequence
@@ -20,7 +22,7 @@ from torch import nn
 from ..checkpoint import checkpoint
 from ..policies import CheckpointGroup, PolicySpec, Segment, resolve_policy
 
-__all__ = ["ChainStep", "CheckpointPolicyMixin", "check_input_shape", "run_chain"]
+__all__ = ["ChainStep", "CheckpointPolicyMixin", "check_input_shape", "run_chain", "segment_steps"]
 
 
 def check_input_shape(
@@ -53,13 +55,32 @@ def check_input_shape(
 
 @dataclass(frozen=True)
 class ChainStep:
-    """One segment of a network as a step of the flat chain."""
+    """One block of a network as a step of the flat chain.
+
+    ``fn(x, *popped)`` returns the next ``x``, or ``(x, *extra)`` when ``extra`` > 0: tensors to push for a
+    later step of the same segment (a residual branch). ``push`` pushes the output itself (an encoder's skip);
+    ``emit`` marks a side head: ``fn(x)`` is emitted and ``x`` goes on unchanged.
+    """
 
     segment: Segment
-    fn: Callable[..., torch.Tensor]
+    fn: Callable[..., Any]
     pops: int = 0
     push: bool = False
     emit: bool = False
+    extra: int = 0
+    name: str = ""
+
+    @property
+    def block(self) -> str:
+        return self.name or self.segment.name
+
+
+def segment_steps(name: str, level: int, kind: str, *blocks: dict) -> list[ChainStep]:
+    """The chain steps of one segment made of ``blocks`` (each the keyword arguments of a `ChainStep`
+    without ``segment``); blocks are named ``name.0``, ``name.1``... when there are several."""
+    parts = tuple(f"{name}.{i}" for i in range(len(blocks))) if len(blocks) > 1 else ()
+    segment = Segment(name, level, kind, parts)
+    return [ChainStep(segment, name=block, **kw) for block, kw in zip(segment.blocks, blocks)]
 
 
 def _run_steps(steps: Sequence[ChainStep], x: torch.Tensor, *skips: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -72,6 +93,9 @@ def _run_steps(steps: Sequence[ChainStep], x: torch.Tensor, *skips: torch.Tensor
             continue
         popped = [stack.pop() for _ in range(step.pops)]
         x = step.fn(x, *popped)
+        if step.extra:
+            x, *extra = x
+            stack += extra
         if step.push:
             stack.append(x)
     return (x, *stack, *emitted)
@@ -82,7 +106,7 @@ def _skips_needed(steps: Sequence[ChainStep]) -> int:
     for step in steps:
         depth -= step.pops
         need = max(need, -depth)
-        depth += step.push
+        depth += step.push + step.extra
     return need
 
 
@@ -99,7 +123,7 @@ def run_chain(
     emitted: list[torch.Tensor] = []
     i = 0
     while i < len(steps):
-        group = starts.get(steps[i].segment.name)
+        group = starts.get(steps[i].block)
         chunk = steps[i : i + (len(group.names) if group else 1)]
         need = _skips_needed(chunk)
         kept, given = stack[: len(stack) - need], stack[len(stack) - need :]
@@ -127,8 +151,8 @@ class CheckpointPolicyMixin:
         raise NotImplementedError
 
     def checkpoint_segments(self) -> list[Segment]:
-        """The ordered segments a policy chooses from (name, level, kind), in execution order."""
-        return [step.segment for step in self._chain_steps()]
+        """The ordered segments a policy chooses from (name, level, kind, parts), in execution order."""
+        return list(dict.fromkeys(step.segment for step in self._chain_steps()))
 
     @property
     def checkpoint_policy(self) -> PolicySpec:

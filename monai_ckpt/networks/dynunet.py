@@ -3,22 +3,64 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
-from monai.networks.blocks.dynunet_block import get_padding
+from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock, get_padding
 from monai.networks.nets import DynUNet
 from monai.utils import ensure_tuple_rep
+from torch import nn
 from torch.nn.functional import interpolate
 
-from ..policies import PolicySpec, Segment
-from .base import ChainStep, CheckpointPolicyMixin, check_input_shape, run_chain
+from ..policies import PolicySpec
+from .base import ChainStep, CheckpointPolicyMixin, check_input_shape, run_chain, segment_steps
 
 __all__ = ["CheckpointDynUNet"]
 
 
-def _up(block: torch.nn.Module, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    return block(x, skip)
+def _basic_first(b: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return b.lrelu(b.norm1(b.conv1(x)))
+
+
+def _basic_second(b: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return b.lrelu(b.norm2(b.conv2(x)))
+
+
+def _res_first(b: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return b.lrelu(b.norm1(b.conv1(x))), x  # the input is carried to the residual add
+
+
+def _res_second(b: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    out = b.norm2(b.conv2(x))
+    if hasattr(b, "conv3"):
+        residual = b.conv3(residual)
+    if hasattr(b, "norm3"):
+        residual = b.norm3(residual)
+    out += residual
+    return b.lrelu(out)
+
+
+def _merge_then(up: nn.Module, first: Callable, x: torch.Tensor, skip: torch.Tensor):  # noqa: ANN202
+    return first(torch.cat((up.transp_conv(x), skip), dim=1))
+
+
+def _conv_blocks(block: nn.Module) -> list[dict]:
+    """A UnetBasicBlock or UnetResBlock as two blocks (each conv with its norm and activation), exactly
+    its op order; anything else as one block."""
+    if isinstance(block, UnetResBlock):
+        return [dict(fn=functools.partial(_res_first, block), extra=1),
+                dict(fn=functools.partial(_res_second, block), pops=1)]
+    if isinstance(block, UnetBasicBlock):
+        return [dict(fn=functools.partial(_basic_first, block)), dict(fn=functools.partial(_basic_second, block))]
+    return [dict(fn=block)]
+
+
+def _up_blocks(up: nn.Module) -> list[dict]:
+    """A UnetUpBlock: transposed conv + skip merge + the first conv of its block, then the rest."""
+    first, *rest = _conv_blocks(up.conv_block)
+    first = dict(first, fn=functools.partial(_merge_then, up, first["fn"]), pops=1 + first.get("pops", 0))
+    return [first, *rest]
 
 
 class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
@@ -34,7 +76,8 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
     Segments, in execution order: ``encoder0`` (``input_block``), ``encoder1``..``encoder{n}``
     (``downsamples``), ``bottleneck``, then from the bottom up ``decoder{i}`` (the up block that merges the
     level-i skip) each followed, with deep supervision, by its head ``head{i}`` (i = 1..deep_supr_num), and
-    ``head0`` (``output_block``).
+    ``head0`` (``output_block``). Blocks: each conv of a basic/residual block with its norm and
+    activation (the up block's first one with the transposed conv and the skip merge).
 
     Args:
         spatial_dims, in_channels, out_channels, kernel_size, strides, upsample_kernel_size, filters, dropout,
@@ -81,14 +124,18 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
 
     def _chain_steps(self) -> list[ChainStep]:
         encoders = [self.input_block, *self.downsamples]
-        steps = [ChainStep(Segment(f"encoder{i}", i, "encoder"), block, push=True) for i, block in enumerate(encoders)]
-        steps.append(ChainStep(Segment("bottleneck", len(encoders), "bottleneck"), self.bottleneck))
+        steps = []
+        for i, block in enumerate(encoders):
+            blocks = _conv_blocks(block)
+            blocks[-1]["push"] = True
+            steps += segment_steps(f"encoder{i}", i, "encoder", *blocks)
+        steps += segment_steps("bottleneck", len(encoders), "bottleneck", *_conv_blocks(self.bottleneck))
         ups = self.upsamples[::-1]  # ups[i] merges the skip of level i, as in DynUNet's skip layers
         for i in reversed(range(len(encoders))):
-            steps.append(ChainStep(Segment(f"decoder{i}", i, "decoder"), functools.partial(_up, ups[i]), pops=1))
+            steps += segment_steps(f"decoder{i}", i, "decoder", *_up_blocks(ups[i]))
             if 0 < i <= self._n_heads():
-                steps.append(ChainStep(Segment(f"head{i}", i, "head"), self.deep_supervision_heads[i - 1], emit=True))
-        steps.append(ChainStep(Segment("head0", 0, "head"), self.output_block))
+                steps += segment_steps(f"head{i}", i, "head", dict(fn=self.deep_supervision_heads[i - 1], emit=True))
+        steps += segment_steps("head0", 0, "head", dict(fn=self.output_block))
         return steps
 
     def _accepts(self, sizes: tuple[int, ...]) -> bool:
@@ -111,7 +158,7 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
         strides = [ensure_tuple_rep(s, self.spatial_dims) for s in self.strides]
-        multiple = [int(torch.tensor([s[d] for s in strides]).prod()) for d in range(self.spatial_dims)]
+        multiple = [math.prod(int(s[d]) for s in strides) for d in range(self.spatial_dims)]
         check_input_shape(self, x, self.in_channels, multiple, self._accepts)
 
     @torch.jit.unused

@@ -7,15 +7,38 @@ import math
 from collections.abc import Sequence
 
 import torch
+from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.layers.factories import Act, Norm
 from monai.networks.nets import UNet
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from ..policies import PolicySpec, Segment
-from .base import ChainStep, CheckpointPolicyMixin, check_input_shape
+from ..policies import PolicySpec
+from .base import ChainStep, CheckpointPolicyMixin, check_input_shape, segment_steps
 
 __all__ = ["CheckpointUNet"]
+
+
+def _residual_first(residual: nn.Module, unit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    res = residual(x)  # ResidualUnit computes the residual branch first
+    return unit(x), res
+
+
+def _residual_last(unit: nn.Module, x: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    return unit(x) + res
+
+
+def _path_blocks(module: nn.Module) -> list[dict]:
+    """A down path or bottleneck as blocks: a ResidualUnit's subunits one by one (its residual branch
+    carried from the first to the last), anything else as one block."""
+    if isinstance(module, ResidualUnit) and len(module.conv) > 1:
+        units = list(module.conv)
+        return [
+            dict(fn=functools.partial(_residual_first, module.residual, units[0]), extra=1),
+            *[dict(fn=unit) for unit in units[1:-1]],
+            dict(fn=functools.partial(_residual_last, units[-1]), pops=1),
+        ]
+    return [dict(fn=module)]
 
 
 def _join(skip_connection: nn.Module, up: nn.Module, y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -36,7 +59,9 @@ class CheckpointUNet(CheckpointPolicyMixin, UNet):
     `monai.networks.nets.UNet`, so weights load both ways; outputs, gradients and BatchNorm statistics
     equal the parent's. In ``eval()`` mode, without autograd or under TorchScript the forward is the
     parent's forward. Segments, in execution order: ``encoder0`` .. ``encoder{n-2}`` (the down path of each
-    level), ``bottleneck``, ``decoder{n-2}`` .. ``decoder0`` (skip merge + up path of each level).
+    level), ``bottleneck``, ``decoder{n-2}`` .. ``decoder0`` (skip merge + up path of each level). Their
+    blocks: a residual unit's subunits; in a decoder, merge + (transposed) conv, its norm/activation, and
+    the residual unit.
 
     Args:
         spatial_dims, in_channels, out_channels, channels, strides, kernel_size, up_kernel_size,
@@ -87,11 +112,22 @@ class CheckpointUNet(CheckpointPolicyMixin, UNet):
 
     def _chain_steps(self) -> list[ChainStep]:
         levels = self._levels()
-        steps = [ChainStep(Segment(f"encoder{i}", i, "encoder"), level[0], push=True) for i, level in enumerate(levels)]
-        steps.append(ChainStep(Segment("bottleneck", len(levels), "bottleneck"), levels[-1][1].submodule))
+        steps = []
+        for i, level in enumerate(levels):
+            blocks = _path_blocks(level[0])
+            blocks[-1]["push"] = True  # the encoder output is the skip of its level
+            steps += segment_steps(f"encoder{i}", i, "encoder", *blocks)
+        steps += segment_steps("bottleneck", len(levels), "bottleneck", *_path_blocks(levels[-1][1].submodule))
         for i in reversed(range(len(levels))):
-            join = functools.partial(_join, levels[i][1], levels[i][2])
-            steps.append(ChainStep(Segment(f"decoder{i}", i, "decoder"), join, pops=1))
+            up = levels[i][2]
+            conv, rest = (up, []) if isinstance(up, Convolution) else (up[0], list(up)[1:])
+            # the merge and the (transposed) conv, then its norm/dropout/activation, then the residual unit
+            blocks = [dict(fn=functools.partial(_join, levels[i][1], conv.conv), pops=1)]
+            if hasattr(conv, "adn"):
+                blocks.append(dict(fn=conv.adn))
+            for module in rest:
+                blocks += _path_blocks(module)
+            steps += segment_steps(f"decoder{i}", i, "decoder", *blocks)
         return steps
 
     def _per_dim_strides(self) -> list[tuple[int, ...]]:

@@ -2,17 +2,50 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from monai.networks.nets import VNet
 from monai.utils import deprecated_arg
+from torch import nn
 
-from ..policies import PolicySpec, Segment
-from .base import ChainStep, CheckpointPolicyMixin, check_input_shape
+from ..policies import PolicySpec
+from .base import ChainStep, CheckpointPolicyMixin, check_input_shape, segment_steps
 
 __all__ = ["CheckpointVNet"]
 
 _DOWN = ("in_tr", "down_tr32", "down_tr64", "down_tr128")
 _UP = ("up_tr256", "up_tr128", "up_tr64", "up_tr32")
+
+
+def _down_first(t: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    down = t.act_function1(t.bn1(t.down_conv(x)))
+    out = t.dropout(down) if t.dropout is not None else down
+    return out, down
+
+
+def _up_first(t: nn.Module, x: torch.Tensor, skipx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = t.dropout(x) if t.dropout is not None else x
+    skipxdo = t.dropout2(skipx)
+    out = t.act_function1(t.bn1(t.up_conv(out)))
+    xcat = torch.cat((out, skipxdo), 1)
+    return xcat, xcat
+
+
+def _lu_last(lu: nn.Module, act: nn.Module, x: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    return act(torch.add(lu(x), res))
+
+
+def _transition_blocks(t: nn.Module, first: Callable, pops: int) -> list[dict]:
+    """A Down/UpTransition as blocks: the (up/down) conv, each LUConv, the last one with the residual add.
+    The first block carries the residual branch to the last; exactly VNet's op order."""
+    ops = list(t.ops)
+    return [
+        dict(fn=functools.partial(first, t), pops=pops, extra=1),
+        *[dict(fn=lu) for lu in ops[:-1]],
+        dict(fn=functools.partial(_lu_last, ops[-1], t.act_function2), pops=1),
+    ]
 
 
 class CheckpointVNet(CheckpointPolicyMixin, VNet):
@@ -23,7 +56,8 @@ class CheckpointVNet(CheckpointPolicyMixin, VNet):
     everywhere) equal the parent's, dropout masks included. In ``eval()``, without autograd or under
     TorchScript the forward is the parent's. Segments, in execution order: ``encoder0`` (``in_tr``),
     ``encoder1``..``encoder3`` (``down_tr32``..``down_tr128``), ``bottleneck`` (``down_tr256``),
-    ``decoder3``..``decoder0`` (``up_tr256``..``up_tr32``), ``head0`` (``out_tr``).
+    ``decoder3``..``decoder0`` (``up_tr256``..``up_tr32``), ``head0`` (``out_tr``). The blocks of a
+    transition: its (up/down) convolution, then each LUConv (the last with the residual add).
 
     Args:
         spatial_dims, in_channels, out_channels, act, dropout_prob, dropout_prob_down, dropout_prob_up,
@@ -68,11 +102,15 @@ class CheckpointVNet(CheckpointPolicyMixin, VNet):
         self.checkpoint_policy = checkpoint_policy
 
     def _chain_steps(self) -> list[ChainStep]:
-        steps = [ChainStep(Segment(f"encoder{i}", i, "encoder"), getattr(self, n), push=True) for i, n in enumerate(_DOWN)]
-        steps.append(ChainStep(Segment("bottleneck", len(_DOWN), "bottleneck"), self.down_tr256))
+        steps = segment_steps("encoder0", 0, "encoder", dict(fn=self.in_tr, push=True))
+        for i, name in enumerate(_DOWN[1:], start=1):
+            blocks = _transition_blocks(getattr(self, name), _down_first, pops=0)
+            blocks[-1]["push"] = True
+            steps += segment_steps(f"encoder{i}", i, "encoder", *blocks)
+        steps += segment_steps("bottleneck", len(_DOWN), "bottleneck", *_transition_blocks(self.down_tr256, _down_first, 0))
         for i, name in zip(reversed(range(len(_UP))), _UP):
-            steps.append(ChainStep(Segment(f"decoder{i}", i, "decoder"), getattr(self, name), pops=1))
-        steps.append(ChainStep(Segment("head0", 0, "head"), self.out_tr))
+            steps += segment_steps(f"decoder{i}", i, "decoder", *_transition_blocks(getattr(self, name), _up_first, 1))
+        steps += segment_steps("head0", 0, "head", dict(fn=self.out_tr))
         return steps
 
     @torch.jit.unused
