@@ -2,9 +2,12 @@
 
     python -m monai_ckpt.benchmark --network unet --shape 96 96 96 --batch 1 --policies none all cheap sqrt
     python -m monai_ckpt.benchmark --shape 256 256 256 --batch 2 --estimate      # FakeTensorMode, seconds
+    python -m monai_ckpt.benchmark --scenarios --network dynunet                  # clinical presets, estimate
+    python -m monai_ckpt.benchmark --shape 64 64 64 --plot unet64.png             # trade-off, timeline, segments
 
 Memory is the exact live-tensor peak of one training step (``monai_ckpt.profiling``); time is the median
-step time relative to the plain MONAI network, interleaved in one process (skipped with ``--estimate``).
+step time relative to the plain MONAI network, interleaved in one process (process CPU time on the CPU;
+skipped with ``--estimate``); voxels/s uses that same clock.
 A row for MONAI's own ``CheckpointUNet`` is added when MONAI has it.
 """
 
@@ -50,6 +53,18 @@ NETWORKS: dict[str, tuple[str, str, Callable[[int, int], dict]]] = {
     "vnet": ("VNet", "CheckpointVNet", _vnet),
     "dynunet": ("DynUNet", "CheckpointDynUNet", _dynunet),
 }
+
+
+# Clinical presets: (name, spatial size, input channels, batch). Sizes are padded up to what the network
+# takes (a multiple of its strides), as a DivisiblePad or sliding-window roi would.
+SCENARIOS: list[tuple[str, tuple[int, int, int], int, int]] = [
+    ("brain MRI", (256, 256, 256), 1, 1),
+    ("BraTS (4 modalities)", (240, 240, 155), 4, 1),
+    ("cardiac MRI", (256, 256, 40), 1, 1),
+    ("prostate MRI", (256, 256, 32), 1, 1),
+    ("liver CT", (512, 512, 64), 1, 1),
+    ("chest CT", (512, 512, 400), 1, 1),
+]
 
 
 @dataclass
@@ -134,6 +149,45 @@ def run_benchmark(
     ]
 
 
+def network_factory(network: str, spatial_dims: int, in_channels: int, policy="none"):  # noqa: ANN001, ANN201
+    """A factory of the monai_ckpt network ``network`` as the benchmark builds it."""
+    from . import networks
+
+    _, child_name, make_kwargs = NETWORKS[network]
+    return lambda: getattr(networks, child_name)(**make_kwargs(spatial_dims, in_channels), checkpoint_policy=policy)
+
+
+def padded_shape(network: str, shape: Sequence[int], in_channels: int) -> tuple[int, ...]:
+    """``shape`` padded up to the next size the network takes."""
+    multiple = network_factory(network, len(shape), in_channels)().size_multiple()
+    return tuple(-(-int(s) // m) * m for s, m in zip(shape, multiple))
+
+
+def run_scenarios(network: str, policies: Sequence, progress: bool = True) -> list[tuple[str, tuple, int, list]]:
+    """Estimated peak memory of each policy for each clinical preset in `SCENARIOS`."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for name, shape, channels, batch in tqdm(SCENARIOS, desc="scenarios", disable=not progress, file=sys.stderr):
+        padded = padded_shape(network, shape, channels)
+        rows = run_benchmark(network, padded, batch, channels, policies, estimate=True, progress=False,
+                             with_monai=False)
+        out.append((name, padded, channels, rows))
+    return out
+
+
+def format_scenarios(results: Sequence[tuple[str, tuple, int, list]]) -> str:
+    names = [r.name.split(" ", 1)[1] if " " in r.name else r.name for r in results[0][3]]
+    names[0] = "plain"
+    head = f"{'scenario':<22} {'input (padded)':<22} " + " ".join(f"{n[:16]:>16}" for n in names)
+    lines = [head]
+    for name, shape, channels, rows in results:
+        cells = [f"{r.peak_mib / 1024:>7.1f} GiB" + (f" {r.peak_vs_plain:>4.0%}" if i else " " * 5)
+                 for i, r in enumerate(rows)]
+        lines.append(f"{name:<22} {str(channels) + 'x' + 'x'.join(map(str, shape)):<22} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[BenchmarkRow]) -> str:
     width = max([44] + [len(r.name) for r in rows])
     lines = [f"{'network / policy':<{width}} {'peak MiB':>10} {'vs plain':>9} {'saved':>7} {'time x':>7} {'Mvox/s':>8}"]
@@ -161,7 +215,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per network after one warm-up step")
     parser.add_argument("--no-monai", action="store_true", help="skip MONAI's own CheckpointUNet row")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="write the trade-off, memory timeline and per-segment plots to this PNG")
+    parser.add_argument("--scenarios", action="store_true",
+                        help="estimate every policy on the clinical presets (brain MRI 256^3, BraTS, cardiac, "
+                             "prostate, liver CT, chest CT 512x512x400)")
     args = parser.parse_args(argv)
+    if args.scenarios:
+        try:
+            results = run_scenarios(args.network, [validate_policy(p) for p in args.policies])
+        except ValueError as e:
+            parser.error(str(e))
+        print(f"{args.network}: estimated peak memory of one training step (FakeTensorMode), batch 1, "
+              "% of the plain network")
+        print(format_scenarios(results))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([{"scenario": n, "shape": s, "channels": c, "rows": [asdict(r) for r in rows]}
+                           for n, s, c, rows in results], f, indent=2)
+        return 0
     try:
         rows = run_benchmark(args.network, args.shape, args.batch, args.in_channels, args.policies, args.estimate,
                              args.amp, args.steps, not args.no_monai)
@@ -174,7 +246,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=2)
+    if args.plot:
+        _write_plot(args, rows)
+        print(f"plots written to {args.plot}")
     return 0
+
+
+def _write_plot(args: argparse.Namespace, rows: Sequence[BenchmarkRow]) -> None:
+    from .plots import plot_benchmark
+    from .profiling import block_costs, memory_timeline
+
+    spatial, input_shape = len(args.shape), (args.batch, args.in_channels, *args.shape)
+    policies = [validate_policy(p) for p in args.policies]
+    shown = ["none"] + [p for p in policies if p != "none"][:2]
+    timelines = {json.dumps(p): memory_timeline(network_factory(args.network, spatial, args.in_channels, p),
+                                                input_shape, estimate=True, amp=args.amp) for p in shown}
+    blocks = block_costs(network_factory(args.network, spatial, args.in_channels), input_shape,
+                         estimate=args.estimate, repeats=1)
+    mode = "estimate" if args.estimate else "CPU"
+    title = f"{args.network} {'x'.join(map(str, args.shape))} batch {args.batch} ({mode})"
+    plot_benchmark(args.plot, rows, timelines, blocks, title)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
   it also reports ``torch.cuda.max_memory_allocated``.
 - ``step_time_ratios(factories, shape)``: step time of several networks relative to the first, measured
   interleaved in one process (A B A B ...), median after warm-up.
+- ``block_costs(factory, shape)``: per block of a checkpoint-aware network, the activation bytes its forward
+  keeps for backward when it is not checkpointed, the bytes of its output, and its forward time.
+- ``memory_timeline(factory, shape)``: live bytes after every operator of one training step, with phase.
 
 A training step here is ``loss = mean(out**2)``, ``loss.backward()``, ``Adam.step()``, ``zero_grad()``,
 measured on the second step so that optimizer state exists, as in steady-state training.
@@ -21,7 +24,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["StepMemory", "measure_step_memory", "step_time_ratios", "training_step", "make_optimizer"]
+__all__ = [
+    "BlockCost",
+    "StepMemory",
+    "block_costs",
+    "make_optimizer",
+    "measure_step_memory",
+    "memory_timeline",
+    "step_time_ratios",
+    "training_step",
+]
 
 MiB = 2**20
 CATEGORIES = ("params", "buffers", "grads", "activations", "temporaries", "optimizer", "other")
@@ -67,16 +79,25 @@ def make_optimizer(model: nn.Module, optimizer: str = "adam") -> torch.optim.Opt
 
 
 def training_step(
-    model: nn.Module, x: torch.Tensor, optimizer: torch.optim.Optimizer | None, amp: bool = False
+    model: nn.Module,
+    x: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    amp: bool = False,
+    on_phase: Callable[[str], None] | None = None,
 ) -> None:
-    """One training step: forward, ``mean(out**2)`` loss, backward, optimizer step, ``zero_grad``."""
+    """One training step: forward, ``mean(out**2)`` loss, backward, optimizer step, ``zero_grad``.
+    ``on_phase("backward")`` and ``on_phase("optimizer")`` are called as those phases start."""
     dtype = torch.bfloat16 if x.device.type == "cpu" else torch.float16
     with torch.autocast(x.device.type, dtype=dtype, enabled=amp):
         out = model(x)
         if isinstance(out, (list, tuple)):
             out = out[0]
         loss = out.float().square().mean()
+    if on_phase is not None:
+        on_phase("backward")
     loss.backward()
+    if on_phase is not None:
+        on_phase("optimizer")
     if optimizer is not None:
         optimizer.step()
     model.zero_grad(set_to_none=True)
@@ -144,28 +165,166 @@ def step_time_ratios(
     """Median step time of each network, and its ratio to the first, interleaved in one process.
 
     All networks get the same weights-independent input; each round runs one step of every network in
-    turn (A B C A B C ...), so load on a shared machine affects them alike.
+    turn (A B C, B C A, C A B ...: the order rotates so that no network always runs first), so load on a
+    shared machine affects them alike. On the CPU the clock is this
+    process's CPU time (all its threads, kernel time for page faults included), which other processes on a
+    shared machine do not inflate; on CUDA it is wall time after synchronising.
 
     Returns:
-        (median seconds per network, ratio of each median to the first network's).
+        (median wall-clock seconds per network, ratio of each network's median to the first network's).
     """
     device = torch.device(device)
     models = [f().to(device).train() for f in factories]
     opts = [make_optimizer(m, optimizer) for m in models]
     x = torch.randn(*input_shape, device=device)
-    times: list[list[float]] = [[] for _ in models]
+    cuda = device.type == "cuda"
+    wall: list[list[float]] = [[] for _ in models]
+    ratio_clock: list[list[float]] = [[] for _ in models]
+    n = len(models)
     for round_ in range(warmup + steps):
-        for i, (m, o) in enumerate(zip(models, opts)):
-            if device.type == "cuda":
+        for i in [(round_ + k) % n for k in range(n)]:  # rotate the order: no network always runs first
+            m, o = models[i], opts[i]
+            if cuda:
                 torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             training_step(m, x, o, amp)
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(device)
             if round_ >= warmup:
-                times[i].append(time.perf_counter() - t0)
-    medians = [statistics.median(t) for t in times]
-    return medians, [t / medians[0] for t in medians]
+                wall[i].append(time.perf_counter() - w0)
+                ratio_clock[i].append(wall[i][-1] if cuda else time.process_time() - c0)
+    base = statistics.median(ratio_clock[0])
+    return [statistics.median(t) for t in wall], [statistics.median(t) / base for t in ratio_clock]
+
+
+@dataclass
+class BlockCost:
+    """What one block of a checkpoint-aware network costs when it is not checkpointed.
+
+    Attributes:
+        block: block name (``"decoder0.1"``, or the segment name for a one-block segment).
+        segment, kind, level: the segment it belongs to.
+        saved_bytes: bytes of the tensors its forward saves for backward (parameters excluded; tensors
+            that existed before the block, such as its input, excluded too).
+        output_bytes: bytes of what it passes on: the boundary a checkpoint ending here keeps.
+        forward_s: median forward time (with autograd recording), None in estimate mode.
+    """
+
+    block: str
+    segment: str
+    kind: str
+    level: int
+    saved_bytes: int
+    output_bytes: int
+    forward_s: float | None = None
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    st = t.untyped_storage()
+    return id(st), st.nbytes()
+
+
+def block_costs(
+    factory: Callable[[], nn.Module],
+    input_shape: Sequence[int],
+    *,
+    estimate: bool = False,
+    repeats: int = 3,
+) -> list[BlockCost]:
+    """Per-block costs of ``factory()``, a monai_ckpt network, on a batch of ``input_shape``.
+
+    The blocks run in the network's own order (the chain its policies checkpoint), without checkpointing;
+    saved tensors are counted once per storage.
+    """
+    from .networks.base import ChainStep
+
+    mode = _fake_mode() if estimate else None
+    with mode if mode is not None else _null():
+        model = factory().train()
+        steps: list[ChainStep] = model._chain_steps()
+        x = torch.randn(*input_shape)
+        params = {id(p.untyped_storage()) for p in model.parameters()}
+        times: dict[str, list[float]] = {s.block: [] for s in steps}
+        costs: list[BlockCost] = []
+        for rep in range(1 if estimate else repeats):
+            stack: list[torch.Tensor] = []
+            h = x
+            for step in steps:
+                popped = [stack.pop() for _ in range(step.pops)]
+                before = {_storage_key(t)[0] for t in (h, *popped, *stack)}
+                saved: dict[int, int] = {}
+
+                def pack(t: torch.Tensor, saved=saved, before=before) -> torch.Tensor:
+                    key, nbytes = _storage_key(t)
+                    if key not in params and key not in before:
+                        saved[key] = nbytes
+                    return t
+
+                t0 = time.perf_counter()
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    if step.emit:
+                        out = step.fn(h)
+                    else:
+                        out = step.fn(h, *popped)
+                times[step.block].append(time.perf_counter() - t0)
+                extra: list[torch.Tensor] = []
+                if step.emit:
+                    emitted = out
+                elif step.extra:
+                    h, *extra = out
+                else:
+                    h = out
+                stack += extra
+                if step.push:
+                    stack.append(h)
+                if rep == 0:
+                    passed = emitted if step.emit else h
+                    out_bytes = sum({_storage_key(t)[0]: _storage_key(t)[1] for t in (passed, *extra)}.values())
+                    seg = step.segment
+                    costs.append(BlockCost(step.block, seg.name, seg.kind, seg.level, sum(saved.values()), out_bytes))
+            del h, stack
+    if not estimate:
+        for cost in costs:
+            cost.forward_s = statistics.median(times[cost.block])
+    return costs
+
+
+def memory_timeline(
+    factory: Callable[[], nn.Module],
+    input_shape: Sequence[int],
+    *,
+    estimate: bool = False,
+    optimizer: str = "adam",
+    amp: bool = False,
+) -> list[tuple[int, int, str]]:
+    """Live tensor bytes after every operator of one (steady-state) training step.
+
+    Returns:
+        ``(operator index, live bytes, phase)`` with phase ``"forward"``, ``"backward"`` or ``"optimizer"``.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    phase = ["forward"]
+    points: list[tuple[int, int, str]] = []
+
+    class _Timeline(MemTracker):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            total = sum(v for per_dev in self._curr_mem_snap.values() for k, v in per_dev.items() if k == "Total")
+            points.append((len(points), int(total), "backward" if self._mod_tracker.is_bw else phase[0]))
+            return out
+
+    mode = _fake_mode() if estimate else None
+    with mode if mode is not None else _null():
+        model = factory().train()
+        opt = make_optimizer(model, optimizer)
+        x = torch.randn(*input_shape)
+        training_step(model, x, opt, amp)
+        tracker = _Timeline()
+        tracker.track_external(model, opt, x)
+        with tracker:
+            training_step(model, x, opt, amp, on_phase=lambda p: phase.__setitem__(0, p))
+    return points
 
 
 def _fake_mode():  # noqa: ANN202

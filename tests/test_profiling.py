@@ -64,3 +64,45 @@ def test_cli_bad_input_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["--policies", "fastest", "--estimate"])
     assert "unknown checkpoint_policy 'fastest'" in capsys.readouterr().err
+
+
+def test_block_costs_hand_count():
+    """encoder0.0 of a tiny UNet is the residual conv (1->4, stride 2) and the first subunit (conv, instance
+    norm, PReLU) on a 1x1x32^3 input: its forward keeps the conv output and the norm output (4 x 16^3 floats
+    each) plus the norm's mean and inverse std (4 floats each), and passes on the subunit output and the
+    residual (4 x 16^3 floats each)."""
+    from monai_ckpt.profiling import block_costs
+
+    costs = {c.block: c for c in block_costs(lambda: CheckpointUNet(**CFG), (1, 1, 32, 32, 32), repeats=1)}
+    vol = 4 * 16**3 * 4
+    assert costs["encoder0.0"].saved_bytes == 2 * vol + 2 * 4 * 4
+    assert costs["encoder0.0"].output_bytes == 2 * vol
+    assert costs["encoder0.1"].output_bytes == vol  # the residual add
+    assert costs["decoder0.2"].saved_bytes == 0  # the last conv keeps only its input, the previous output
+    assert all(c.forward_s > 0 for c in costs.values())
+    assert list(costs)[0] == "encoder0.0" and list(costs)[-1] == "decoder0.2"
+    fake = block_costs(lambda: CheckpointUNet(**CFG), (1, 1, 32, 32, 32), estimate=True)
+    assert [(c.block, c.saved_bytes, c.output_bytes) for c in fake] == [
+        (c.block, c.saved_bytes, c.output_bytes) for c in costs.values()]
+
+
+def test_memory_timeline_matches_the_peak():
+    from monai_ckpt.profiling import memory_timeline
+
+    points = memory_timeline(lambda: CheckpointUNet(**CFG, checkpoint_policy="all"), (2, 1, 32, 32, 32))
+    assert [p for _, _, p in points][0] == "forward" and [p for _, _, p in points][-1] == "optimizer"
+    assert "backward" in {p for _, _, p in points}
+    peak = measure_step_memory(lambda: CheckpointUNet(**CFG, checkpoint_policy="all"), (2, 1, 32, 32, 32)).peak
+    assert max(b for _, b, _ in points) == peak
+
+
+def test_cli_plot_and_scenarios(tmp_path, capsys, monkeypatch):
+    import monai_ckpt.benchmark as bench
+
+    png = tmp_path / "bench.png"
+    assert main(["--shape", "32", "32", "32", "--estimate", "--policies", "all", "cheap", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    monkeypatch.setattr(bench, "SCENARIOS", [("tiny CT", (40, 33, 16), 1, 1), ("tiny BraTS", (24, 24, 20), 4, 1)])
+    assert main(["--scenarios", "--policies", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny CT" in out and "1x48x48x16" in out and "4x32x32x32" in out  # padded to multiples of 16

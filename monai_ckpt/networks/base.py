@@ -150,6 +150,10 @@ class CheckpointPolicyMixin:
     def _chain_steps(self) -> list[ChainStep]:
         raise NotImplementedError
 
+    def size_multiple(self) -> tuple[int, ...]:
+        """What each spatial input size should be a multiple of."""
+        raise NotImplementedError
+
     def checkpoint_segments(self) -> list[Segment]:
         """The ordered segments a policy chooses from (name, level, kind, parts), in execution order."""
         return list(dict.fromkeys(step.segment for step in self._chain_steps()))

@@ -155,11 +155,14 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
                 return False
         return True
 
+    def size_multiple(self) -> tuple[int, ...]:
+        """What each spatial input size should be a multiple of (the product of the strides)."""
+        strides = [ensure_tuple_rep(s, self.spatial_dims) for s in self.strides]
+        return tuple(math.prod(int(s[d]) for s in strides) for d in range(self.spatial_dims))
+
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
-        strides = [ensure_tuple_rep(s, self.spatial_dims) for s in self.strides]
-        multiple = [math.prod(int(s[d]) for s in strides) for d in range(self.spatial_dims)]
-        check_input_shape(self, x, self.in_channels, multiple, self._accepts)
+        check_input_shape(self, x, self.in_channels, self.size_multiple(), self._accepts)
 
     @torch.jit.unused
     def _checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:

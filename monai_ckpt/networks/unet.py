@@ -144,10 +144,13 @@ class CheckpointUNet(CheckpointPolicyMixin, UNet):
                 n = -(-n // strides[d])
         return True
 
+    def size_multiple(self) -> tuple[int, ...]:
+        """What each spatial input size should be a multiple of (the product of the strides)."""
+        return tuple(math.prod(s[d] for s in self._per_dim_strides()) for d in range(self.dimensions))
+
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
-        multiple = [math.prod(s[d] for s in self._per_dim_strides()) for d in range(self.dimensions)]
-        check_input_shape(self, x, self.in_channels, multiple, self._accepts)
+        check_input_shape(self, x, self.in_channels, self.size_multiple(), self._accepts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():

@@ -113,10 +113,14 @@ class CheckpointVNet(CheckpointPolicyMixin, VNet):
         steps += segment_steps("head0", 0, "head", dict(fn=self.out_tr))
         return steps
 
+    def size_multiple(self) -> tuple[int, ...]:
+        """What each spatial input size must be a multiple of: four stride-2 convolutions (kernel 2, no
+        padding) halve with floor, and every skip merge must line up."""
+        return (16,) * self.spatial_dims
+
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
-        # four stride-2 convolutions (kernel 2, no padding) halve with floor; every skip merge must line up
-        check_input_shape(self, x, self.in_channels, [16] * self.spatial_dims)
+        check_input_shape(self, x, self.in_channels, self.size_multiple())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
