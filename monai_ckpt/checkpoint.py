@@ -10,7 +10,8 @@
 
 It is always non-reentrant, preserves the RNG state (dropout masks are identical), replays autocast, and
 makes the recomputation leave BatchNorm running statistics and ``num_batches_tracked`` untouched (see
-`_BatchNormGuard`). Without autograd (``torch.no_grad()``, ``inference_mode()``) it is a plain call.
+`_BatchNormGuard`). Without autograd (``torch.no_grad()``, ``inference_mode()``), or for a module in
+``eval()`` mode, it is a plain call.
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def checkpoint(
     if mode not in CHECKPOINT_MODES:
         raise ValueError(f"unknown checkpoint mode {mode!r}; valid modes are {', '.join(CHECKPOINT_MODES)}.")
     if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return fn(*args, **kwargs)
+    if isinstance(fn, nn.Module) and not fn.training:
         return fn(*args, **kwargs)
     if mode == "offload":
         with torch.autograd.graph.saved_tensors_hooks(_pack_to_cpu, _unpack_from_cpu):

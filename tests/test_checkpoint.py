@@ -115,7 +115,10 @@ def test_plain_call_without_autograd():
             checkpoint(body, x)
         with torch.inference_mode():
             checkpoint(body, x)
+        body.eval()
+        checkpoint(body, x)  # a module in eval mode: plain call too
         assert calls == []
+        body.train()
         checkpoint(body, x)
         assert calls == [1]
     finally:

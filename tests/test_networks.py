@@ -63,9 +63,9 @@ def test_same_state_dict_keys_and_parameter_names(case):
 @pytest.mark.parametrize("policy", POLICIES, ids=str)
 @pytest.mark.parametrize("case", CASES)
 def test_training_parity_is_exact(case, policy):
-    """Outputs, gradients, weights and norm buffers after 2 SGD steps with dropout: bit-identical."""
+    """Outputs, gradients, weights and norm buffers after 3 SGD steps with dropout: bit-identical."""
     parent, child, shape = make(case, policy)
-    inputs = [torch.randn(*shape) for _ in range(2)]
+    inputs = [torch.randn(*shape) for _ in range(3)]
     assert_same_training(parent, child, inputs)
 
 
@@ -84,6 +84,28 @@ def test_deep_supervision_heads_get_their_gradient(case, policy):
         assert torch.equal(c.grad, p.grad)
     for p, c in zip(parent.heads, child.heads):  # the parent's side-effect list is filled the same way
         assert torch.equal(p, c)
+
+
+def test_reentrant_checkpointing_loses_the_deep_supervision_gradient():
+    """The known failure our chain avoids: heads written into a list inside a reentrant checkpoint get no
+    gradient at all, silently."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    parent, _, shape = make("dynunet-ds2")
+    inner = parent.skip_layers
+
+    class Reentrant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return torch_checkpoint(self.inner, x, use_reentrant=True)
+
+    parent.skip_layers = Reentrant()
+    x = torch.randn(*shape, requires_grad=True)
+    loss_of(parent(x)).backward()
+    assert all(p.grad is None for p in parent.deep_supervision_heads.parameters())
 
 
 @pytest.mark.parametrize("case", CASES)
