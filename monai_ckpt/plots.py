@@ -16,21 +16,23 @@ __all__ = ["plot_benchmark"]
 def _pyplot():  # noqa: ANN202
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "inline" not in matplotlib.get_backend():  # keep a notebook's inline backend
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
 
 
 def plot_benchmark(
-    path: str,
+    path: str | None,
     rows: Sequence[BenchmarkRow],
     timelines: Mapping[str, Sequence[tuple[int, int, str]]] | None = None,
     blocks: Sequence[BlockCost] | None = None,
     title: str = "",
-) -> None:
-    """One PNG with up to three panels: peak memory vs step time per policy, the memory timeline of one
-    step for some policies, and a per-segment heatmap (activation memory kept, forward time)."""
+):  # noqa: ANN201 - a matplotlib Figure when path is None
+    """Up to three panels: peak memory vs step time per policy, the memory timeline of one step for some
+    policies, and a per-segment heatmap (activation memory kept, forward time). Written to ``path`` as a
+    PNG; with ``path=None`` the figure is returned instead (to show it inline in a notebook)."""
     plt = _pyplot()
     panels = 1 + bool(timelines) + bool(blocks)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.2), squeeze=False)
@@ -79,5 +81,8 @@ def plot_benchmark(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    if path is None:
+        return fig
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return None

@@ -231,15 +231,21 @@ def test_vnet_deprecated_dropout_prob_behaves_like_the_parent():
     assert outcomes[0] == outcomes[1]
 
 
-@pytest.mark.parametrize("bad", [
-    dict(kernel_size=[3] * 2, strides=[1, 2], upsample_kernel_size=[2]),
-    dict(kernel_size=[3] * 4, strides=[1, 2, 2], upsample_kernel_size=[2] * 3),
-    dict(kernel_size=[3] * 4, strides=[1, 2, 2, 2], upsample_kernel_size=[2] * 3, deep_supervision=True, deep_supr_num=3),
-])
-def test_dynunet_constructor_errors_match_parent(bad):
-    kw = dict(spatial_dims=3, in_channels=1, out_channels=2, **bad)
+@pytest.mark.parametrize("parent_cls, child_cls, bad", [
+    (UNet, CheckpointUNet, dict(channels=(4,), strides=())),
+    (UNet, CheckpointUNet, dict(channels=(4, 8, 16), strides=(2,))),
+    (UNet, CheckpointUNet, dict(channels=(4, 8), strides=(2,), kernel_size=(3, 3))),
+    (DynUNet, CheckpointDynUNet, dict(kernel_size=[3] * 2, strides=[1, 2], upsample_kernel_size=[2])),
+    (DynUNet, CheckpointDynUNet, dict(kernel_size=[3] * 4, strides=[1, 2, 2], upsample_kernel_size=[2] * 3)),
+    (DynUNet, CheckpointDynUNet, dict(kernel_size=[3] * 4, strides=[1, 2, 2, 2], upsample_kernel_size=[2] * 3,
+                                      deep_supervision=True, deep_supr_num=3)),
+    (VNet, CheckpointVNet, dict(in_channels=3)),
+], ids=str)
+def test_constructor_errors_match_parent(parent_cls, child_cls, bad):
+    kw = dict(spatial_dims=3, in_channels=1, out_channels=2)
+    kw.update(bad)
     with pytest.raises(ValueError) as expected:
-        DynUNet(**kw)
+        parent_cls(**kw)
     with pytest.raises(ValueError) as got:
-        CheckpointDynUNet(**kw)
+        child_cls(**kw)
     assert str(got.value) == str(expected.value)

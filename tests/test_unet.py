@@ -76,14 +76,3 @@ def test_segments_and_runtime_policy_switch():
     with pytest.raises(ValueError, match="'every' must be a positive integer"):
         child.checkpoint_policy = {"every": 0}
     assert child.checkpoint_policy == "cheap"  # a rejected policy leaves the current one in place
-
-
-def test_constructor_errors_match_parent():
-    for bad in [dict(channels=(4,), strides=()), dict(channels=(4, 8, 16), strides=(2,)),
-                dict(channels=(4, 8), strides=(2,), kernel_size=(3, 3))]:
-        kw = dict(spatial_dims=3, in_channels=1, out_channels=2, **bad)
-        with pytest.raises(ValueError) as expected:
-            UNet(**kw)
-        with pytest.raises(ValueError) as got:
-            CheckpointUNet(**kw)
-        assert str(got.value) == str(expected.value)
