@@ -20,7 +20,6 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 from .policies import validate_policy

@@ -29,12 +29,12 @@ def assert_same_training(parent: nn.Module, child: nn.Module, inputs: list[torch
     parent = copy.deepcopy(parent)
     outs_p = train_steps(parent, inputs)
     outs_c = train_steps(child, inputs)
-    for a, b in zip(outs_p, outs_c):
+    for a, b in zip(outs_p, outs_c, strict=True):
         torch.testing.assert_close(b, a, atol=atol, rtol=0 if atol == 0 else 1e-5)
-    for (name, p), (_, c) in zip(parent.named_parameters(), child.named_parameters()):
+    for (name, p), (_, c) in zip(parent.named_parameters(), child.named_parameters(), strict=True):
         torch.testing.assert_close(c.grad, p.grad, atol=atol, rtol=0 if atol == 0 else 1e-5, msg=f"grad {name}")
         torch.testing.assert_close(c, p, atol=atol, rtol=0 if atol == 0 else 1e-5, msg=f"param {name}")
-    for (name, p), (_, c) in zip(parent.named_buffers(), child.named_buffers()):
+    for (name, p), (_, c) in zip(parent.named_buffers(), child.named_buffers(), strict=True):
         torch.testing.assert_close(c, p, atol=atol, rtol=0 if atol == 0 else 1e-5, msg=f"buffer {name}")
 
 
