@@ -16,6 +16,7 @@ measured on the second step so that optimizer state exists, as in steady-state t
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -126,7 +127,7 @@ def measure_step_memory(
 
     device = torch.device(device)
     mode = _fake_mode() if estimate else None
-    with mode if mode is not None else _null():
+    with mode if mode is not None else contextlib.nullcontext():
         model = factory().train()
         if device.type != "cpu":
             model.to(device)
@@ -239,7 +240,7 @@ def block_costs(
     from .networks.base import ChainStep
 
     mode = _fake_mode() if estimate else None
-    with mode if mode is not None else _null():
+    with mode if mode is not None else contextlib.nullcontext():
         model = factory().train()
         steps: list[ChainStep] = model._chain_steps()
         x = torch.randn(*input_shape)
@@ -315,7 +316,7 @@ def memory_timeline(
             return out
 
     mode = _fake_mode() if estimate else None
-    with mode if mode is not None else _null():
+    with mode if mode is not None else contextlib.nullcontext():
         model = factory().train()
         opt = make_optimizer(model, optimizer)
         x = torch.randn(*input_shape)
@@ -332,10 +333,3 @@ def _fake_mode():  # noqa: ANN202
 
     return FakeTensorMode()
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
