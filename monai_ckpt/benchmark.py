@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from .policies import validate_policy
 from .profiling import MiB, measure_step_memory, step_time_ratios
@@ -79,14 +80,12 @@ class BenchmarkRow:
 def _factories(network: str, spatial_dims: int, in_channels: int, policies: Sequence, with_monai: bool):
     import monai.networks.nets
 
-    from . import networks
-
     parent_name, child_name, make_kwargs = NETWORKS[network]
-    parent, child = getattr(monai.networks.nets, parent_name), getattr(networks, child_name)
+    parent = getattr(monai.networks.nets, parent_name)
     kwargs = make_kwargs(spatial_dims, in_channels)
     out: list[tuple[str, Callable[[], nn.Module]]] = [(f"MONAI {parent_name} (plain)", lambda: parent(**kwargs))]
     for policy in policies:
-        out.append((f"{child_name} {json.dumps(policy)}", lambda p=policy: child(**kwargs, checkpoint_policy=p)))
+        out.append((f"{child_name} {json.dumps(policy)}", network_factory(network, spatial_dims, in_channels, policy)))
     if with_monai and network == "unet":
         try:
             from monai.networks.nets.unet import CheckpointUNet as MonaiCheckpointUNet
@@ -117,30 +116,21 @@ def run_benchmark(
     policies = [validate_policy(p) for p in policies]
     named = _factories(network, len(shape), in_channels, policies, with_monai)
     input_shape = (batch, in_channels, *shape)
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        tqdm = None
-    bar = tqdm(total=len(named) + (0 if estimate else 1), desc="benchmark", disable=not progress, file=sys.stderr) if tqdm else None
+    bar = tqdm(total=len(named) + (0 if estimate else 1), desc="benchmark", disable=not progress, file=sys.stderr)
     peaks = []
     for name, factory in named:
-        if bar:
-            bar.set_postfix_str(f"memory: {name}")
+        bar.set_postfix_str(f"memory: {name}")
         peaks.append(measure_step_memory(factory, input_shape, estimate=estimate, amp=amp))
-        if bar:
-            bar.update()
+        bar.update()
     ratios: list[float | None] = [None] * len(named)
     voxels: list[float | None] = [None] * len(named)
     if not estimate:
-        if bar:
-            bar.set_postfix_str("step time (interleaved)")
+        bar.set_postfix_str("step time (interleaved)")
         medians, ratios = step_time_ratios([f for _, f in named], input_shape, steps=steps, amp=amp)
         n_vox = batch * math.prod(shape)
         voxels = [n_vox / m for m in medians]
-        if bar:
-            bar.update()
-    if bar:
-        bar.close()
+        bar.update()
+    bar.close()
     base = peaks[0].peak
     return [
         BenchmarkRow(name, p.peak / MiB, p.peak / base, r, v, {k: round(b / MiB, 1) for k, b in p.by_category.items()})
@@ -164,8 +154,6 @@ def padded_shape(network: str, shape: Sequence[int], in_channels: int) -> tuple[
 
 def run_scenarios(network: str, policies: Sequence, progress: bool = True) -> list[tuple[str, tuple, int, list]]:
     """Estimated peak memory of each policy for each clinical preset in `SCENARIOS`."""
-    from tqdm.auto import tqdm
-
     out = []
     for name, shape, channels, batch in tqdm(SCENARIOS, desc="scenarios", disable=not progress, file=sys.stderr):
         padded = padded_shape(network, shape, channels)

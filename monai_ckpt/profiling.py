@@ -104,6 +104,20 @@ def training_step(
     model.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def _steady_state(factory, input_shape, estimate, device, optimizer, amp):  # noqa: ANN001, ANN202
+    """Network, optimizer and batch after one training step (optimizer state exists, as in steady-state
+    training), all fake tensors when ``estimate``."""
+    with _fake_mode() if estimate else contextlib.nullcontext():
+        model = factory().train()
+        if device.type != "cpu":
+            model.to(device)
+        opt = make_optimizer(model, optimizer)
+        x = torch.randn(*input_shape, device=device)
+        training_step(model, x, opt, amp)
+        yield model, opt, x
+
+
 def measure_step_memory(
     factory: Callable[[], nn.Module],
     input_shape: Sequence[int],
@@ -126,14 +140,7 @@ def measure_step_memory(
     from torch.distributed._tools.mem_tracker import MemTracker
 
     device = torch.device(device)
-    mode = _fake_mode() if estimate else None
-    with mode if mode is not None else contextlib.nullcontext():
-        model = factory().train()
-        if device.type != "cpu":
-            model.to(device)
-        opt = make_optimizer(model, optimizer)
-        x = torch.randn(*input_shape, device=device)
-        training_step(model, x, opt, amp)  # optimizer state exists from here on, as in steady state
+    with _steady_state(factory, input_shape, estimate, device, optimizer, amp) as (model, opt, x):
         cuda = device.type == "cuda" and not estimate
         if cuda:
             torch.cuda.synchronize(device)
@@ -220,9 +227,9 @@ class BlockCost:
     forward_s: float | None = None
 
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int]:
-    st = t.untyped_storage()
-    return id(st), st.nbytes()
+def _storages(*tensors: torch.Tensor) -> dict[int, torch.UntypedStorage]:
+    """Storages by id; the dict holds them, so an id cannot be reused while it is in use."""
+    return {id(st): st for st in (t.untyped_storage() for t in tensors)}
 
 
 def block_costs(
@@ -237,52 +244,35 @@ def block_costs(
     The blocks run in the network's own order (the chain its policies checkpoint), without checkpointing;
     saved tensors are counted once per storage.
     """
-    from .networks.base import ChainStep
+    from .networks.base import _run_steps
 
-    mode = _fake_mode() if estimate else None
-    with mode if mode is not None else contextlib.nullcontext():
+    with _fake_mode() if estimate else contextlib.nullcontext():
         model = factory().train()
-        steps: list[ChainStep] = model._chain_steps()
+        steps = model._chain_steps()
         x = torch.randn(*input_shape)
-        params = {id(p.untyped_storage()) for p in model.parameters()}
+        params = _storages(*model.parameters())
         times: dict[str, list[float]] = {s.block: [] for s in steps}
         costs: list[BlockCost] = []
         for rep in range(1 if estimate else repeats):
-            stack: list[torch.Tensor] = []
-            h = x
+            h, stack = x, []
             for step in steps:
-                popped = [stack.pop() for _ in range(step.pops)]
-                before = {_storage_key(t)[0] for t in (h, *popped, *stack)}
-                saved: dict[int, int] = {}
+                before = _storages(h, *stack)
+                saved: dict[int, torch.UntypedStorage] = {}
 
                 def pack(t: torch.Tensor, saved=saved, before=before) -> torch.Tensor:
-                    key, nbytes = _storage_key(t)
-                    if key not in params and key not in before:
-                        saved[key] = nbytes
+                    saved.update((k, st) for k, st in _storages(t).items() if k not in params and k not in before)
                     return t
 
                 t0 = time.perf_counter()
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    if step.emit:
-                        out = step.fn(h)
-                    else:
-                        out = step.fn(h, *popped)
+                    outs = _run_steps([step], h, *stack)
                 times[step.block].append(time.perf_counter() - t0)
-                extra: list[torch.Tensor] = []
-                if step.emit:
-                    emitted = out
-                elif step.extra:
-                    h, *extra = out
-                else:
-                    h = out
-                stack += extra
-                if step.push:
-                    stack.append(h)
-                if rep == 0:
-                    passed = emitted if step.emit else h
-                    out_bytes = sum({_storage_key(t)[0]: _storage_key(t)[1] for t in (passed, *extra)}.values())
+                h, stack = outs[0], list(outs[1 : len(outs) - step.emit])
+                if rep == 0:  # what it passes on: every tensor it made that outlives it
+                    made = [st for k, st in _storages(*outs).items() if k not in before]
                     seg = step.segment
-                    costs.append(BlockCost(step.block, seg.name, seg.kind, seg.level, sum(saved.values()), out_bytes))
+                    costs.append(BlockCost(step.block, seg.name, seg.kind, seg.level,
+                                           sum(st.nbytes() for st in saved.values()), sum(st.nbytes() for st in made)))
             del h, stack
     if not estimate:
         for cost in costs:
@@ -315,12 +305,7 @@ def memory_timeline(
             points.append((len(points), int(total), "backward" if self._mod_tracker.is_bw else phase[0]))
             return out
 
-    mode = _fake_mode() if estimate else None
-    with mode if mode is not None else contextlib.nullcontext():
-        model = factory().train()
-        opt = make_optimizer(model, optimizer)
-        x = torch.randn(*input_shape)
-        training_step(model, x, opt, amp)
+    with _steady_state(factory, input_shape, estimate, torch.device("cpu"), optimizer, amp) as (model, opt, x):
         tracker = _Timeline()
         tracker.track_external(model, opt, x)
         with tracker:

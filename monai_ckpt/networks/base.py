@@ -14,7 +14,7 @@ change: the chain only calls the parent's own modules, in the parent's order (dr
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,35 +22,7 @@ from torch import nn
 from ..checkpoint import checkpoint
 from ..policies import CheckpointGroup, PolicySpec, Segment, resolve_policy
 
-__all__ = ["ChainStep", "CheckpointPolicyMixin", "check_input_shape", "run_chain", "segment_steps"]
-
-
-def check_input_shape(
-    net: nn.Module,
-    x: torch.Tensor,
-    in_channels: int,
-    multiple: Sequence[int],
-    accepts: Optional[Callable[[tuple[int, ...]], bool]] = None,
-) -> None:
-    """Raise a ValueError that says what is wrong and what would be right when ``net`` cannot take ``x``.
-
-    ``multiple`` is what each spatial size should be a multiple of; ``accepts(sizes)``, when given, says
-    exactly which sizes the parent network can run (it may accept more than the multiples).
-    """
-    name = type(net).__name__
-    spatial = len(multiple)
-    expected = f"(batch, {in_channels}, " + ", ".join(f"k*{m}" for m in multiple) + ")"
-    if x.ndim != spatial + 2 or x.shape[1] != in_channels:
-        raise ValueError(f"{name} expects an input of shape {expected}, got {tuple(x.shape)}.")
-    sizes = tuple(int(s) for s in x.shape[2:])
-    ok = accepts(sizes) if accepts is not None else not any(s % m for s, m in zip(sizes, multiple))
-    if not ok:
-        fixed = tuple(max(m, -(-s // m) * m) for s, m in zip(sizes, multiple))
-        raise ValueError(
-            f"{name} cannot take spatial size {sizes}: each spatial size must be a multiple of "
-            f"{tuple(multiple)} (the product of its strides), e.g. pad to {fixed} "
-            "(monai.transforms.DivisiblePad or a sliding-window roi_size of such a size)."
-        )
+__all__ = ["ChainStep", "CheckpointPolicyMixin", "run_chain", "segment_steps"]
 
 
 @dataclass(frozen=True)
@@ -63,16 +35,12 @@ class ChainStep:
     """
 
     segment: Segment
+    block: str
     fn: Callable[..., Any]
     pops: int = 0
     push: bool = False
     emit: bool = False
     extra: int = 0
-    name: str = ""
-
-    @property
-    def block(self) -> str:
-        return self.name or self.segment.name
 
 
 def segment_steps(name: str, level: int, kind: str, *blocks: dict) -> list[ChainStep]:
@@ -80,7 +48,7 @@ def segment_steps(name: str, level: int, kind: str, *blocks: dict) -> list[Chain
     without ``segment``); blocks are named ``name.0``, ``name.1``... when there are several."""
     parts = tuple(f"{name}.{i}" for i in range(len(blocks))) if len(blocks) > 1 else ()
     segment = Segment(name, level, kind, parts)
-    return [ChainStep(segment, name=block, **kw) for block, kw in zip(segment.blocks, blocks)]
+    return [ChainStep(segment, block, **kw) for block, kw in zip(segment.blocks, blocks)]
 
 
 def _run_steps(steps: Sequence[ChainStep], x: torch.Tensor, *skips: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -153,6 +121,27 @@ class CheckpointPolicyMixin:
     def size_multiple(self) -> tuple[int, ...]:
         """What each spatial input size should be a multiple of."""
         raise NotImplementedError
+
+    def _accepts(self, sizes: tuple[int, ...]) -> bool:
+        """Whether the parent can run this spatial size; networks refine this when the parent accepts more
+        than the multiples of `size_multiple`."""
+        return not any(s % m for s, m in zip(sizes, self.size_multiple()))
+
+    @torch.jit.unused
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError that says what is wrong and what would be right when the parent cannot take ``x``."""
+        name, multiple, in_channels = type(self).__name__, self.size_multiple(), self.in_channels  # type: ignore[attr-defined]
+        expected = f"(batch, {in_channels}, " + ", ".join(f"k*{m}" for m in multiple) + ")"
+        if x.ndim != len(multiple) + 2 or x.shape[1] != in_channels:
+            raise ValueError(f"{name} expects an input of shape {expected}, got {tuple(x.shape)}.")
+        sizes = tuple(int(s) for s in x.shape[2:])
+        if not self._accepts(sizes):
+            fixed = tuple(max(m, -(-s // m) * m) for s, m in zip(sizes, multiple))
+            raise ValueError(
+                f"{name} cannot take spatial size {sizes}: each spatial size must be a multiple of "
+                f"{tuple(multiple)} (the product of its strides), e.g. pad to {fixed} "
+                "(monai.transforms.DivisiblePad or a sliding-window roi_size of such a size)."
+            )
 
     def checkpoint_segments(self) -> list[Segment]:
         """The ordered segments a policy chooses from (name, level, kind, parts), in execution order."""

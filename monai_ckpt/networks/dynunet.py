@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.functional import interpolate
 
 from ..policies import PolicySpec
-from .base import ChainStep, CheckpointPolicyMixin, check_input_shape, run_chain, segment_steps
+from .base import ChainStep, CheckpointPolicyMixin, run_chain, segment_steps
 
 __all__ = ["CheckpointDynUNet"]
 
@@ -160,9 +160,6 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
         strides = [ensure_tuple_rep(s, self.spatial_dims) for s in self.strides]
         return tuple(math.prod(int(s[d]) for s in strides) for d in range(self.spatial_dims))
 
-    @torch.jit.unused
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_input_shape(self, x, self.in_channels, self.size_multiple(), self._accepts)
 
     @torch.jit.unused
     def _checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from ..policies import PolicySpec
-from .base import ChainStep, CheckpointPolicyMixin, check_input_shape, segment_steps
+from .base import ChainStep, CheckpointPolicyMixin, segment_steps
 
 __all__ = ["CheckpointUNet"]
 
@@ -148,9 +148,6 @@ class CheckpointUNet(CheckpointPolicyMixin, UNet):
         """What each spatial input size should be a multiple of (the product of the strides)."""
         return tuple(math.prod(s[d] for s in self._per_dim_strides()) for d in range(self.dimensions))
 
-    @torch.jit.unused
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_input_shape(self, x, self.in_channels, self.size_multiple(), self._accepts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():

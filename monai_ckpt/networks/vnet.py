@@ -11,7 +11,7 @@ from monai.utils import deprecated_arg
 from torch import nn
 
 from ..policies import PolicySpec
-from .base import ChainStep, CheckpointPolicyMixin, check_input_shape, segment_steps
+from .base import ChainStep, CheckpointPolicyMixin, segment_steps
 
 __all__ = ["CheckpointVNet"]
 
@@ -118,9 +118,6 @@ class CheckpointVNet(CheckpointPolicyMixin, VNet):
         padding) halve with floor, and every skip merge must line up."""
         return (16,) * self.spatial_dims
 
-    @torch.jit.unused
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_input_shape(self, x, self.in_channels, self.size_multiple())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
