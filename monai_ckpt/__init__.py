@@ -2,6 +2,7 @@
 
 from .checkpoint import CHECKPOINT_MODES, CheckpointedSequential, checkpoint, checkpoint_submodules
 from .networks import CheckpointDynUNet, CheckpointUNet, CheckpointVNet
+from .planner import Plan, plan
 from .policies import CheckpointGroup, Segment, resolve_policy, validate_policy
 
 __version__ = "0.1.0"
@@ -13,9 +14,11 @@ __all__ = [
     "CheckpointUNet",
     "CheckpointVNet",
     "CheckpointedSequential",
+    "Plan",
     "Segment",
     "checkpoint",
     "checkpoint_submodules",
+    "plan",
     "resolve_policy",
     "validate_policy",
 ]

@@ -25,6 +25,9 @@ Valid specs:
   ``[{"kind": "encoder"}, {"names": ["decoder0"], "mode": "cheap"}]``.
 - a dict may add ``"mode"`` (``"full"``, ``"cheap"`` or ``"offload"``) to any of the above:
   ``{"kind": "decoder", "mode": "cheap"}``, ``{"names": [...], "mode": "cheap"}``, ``{"every": 2, "mode": ...}``.
+- ``{"budget_gb": X}`` (optionally with ``"optimizer"``: ``"adam"``, ``"sgd"`` or ``"none"``): the planner
+  (`monai_ckpt.planner`) chooses, for each input shape a network sees in training, the fastest policy whose
+  training step fits in X GiB. It is not a list of groups: networks resolve it when they see the input.
 """
 
 from __future__ import annotations
@@ -36,18 +39,21 @@ from typing import Any, Union
 
 from .checkpoint import CHECKPOINT_MODES
 
-__all__ = ["SEGMENT_KINDS", "Segment", "CheckpointGroup", "PolicySpec", "validate_policy", "resolve_policy"]
+__all__ = ["SEGMENT_KINDS", "Segment", "CheckpointGroup", "PolicySpec", "is_budget_policy", "resolve_policy",
+           "validate_policy"]
 
 SEGMENT_KINDS = ("encoder", "bottleneck", "decoder", "head")
 NAMED_POLICIES = ("none", "all", "blocks", *SEGMENT_KINDS, "sqrt", "cheap", "offload")
 _DICT_KEYS = ("every", "segments", "kind", "names", "mode")
+_BUDGET_KEYS = ("budget_gb", "optimizer")
+_OPTIMIZERS = ("adam", "sgd", "none")
 
 PolicySpec = Union[str, Sequence[str], dict]
 
 VALID_POLICIES_TEXT = (
     f"{', '.join(repr(p) for p in NAMED_POLICIES)}, {{'every': k}}, {{'segments': k}}, "
     "a list of segment/block names and/or such dicts, or a dict of one of 'every'/'segments'/'kind'/'names' with an optional "
-    f"'mode' in {CHECKPOINT_MODES}"
+    f"'mode' in {CHECKPOINT_MODES}, or {{'budget_gb': X}} with an optional 'optimizer' in {_OPTIMIZERS}"
 )
 
 
@@ -109,6 +115,16 @@ def validate_policy(spec: Any) -> PolicySpec:
         if any(isinstance(n, dict) for n in spec):
             return [validate_policy(n) if isinstance(n, dict) else n for n in spec]
         return list(spec)
+    if isinstance(spec, dict) and "budget_gb" in spec:
+        unknown = set(spec) - set(_BUDGET_KEYS)
+        if unknown:
+            raise _bad(spec, f"a budget policy takes only {list(_BUDGET_KEYS)}, not {sorted(unknown)}")
+        budget = spec["budget_gb"]
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+            raise _bad(spec, "'budget_gb' must be a positive number of GiB")
+        if spec.get("optimizer", "adam") not in _OPTIMIZERS:
+            raise _bad(spec, f"'optimizer' must be one of {_OPTIMIZERS}")
+        return dict(spec)
     if isinstance(spec, dict):
         unknown = set(spec) - set(_DICT_KEYS)
         if unknown:
@@ -127,6 +143,11 @@ def validate_policy(spec: Any) -> PolicySpec:
             validate_policy(spec["names"])
         return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in spec.items()}
     raise _bad(spec)
+
+
+def is_budget_policy(spec: Any) -> bool:
+    """Whether ``spec`` is a ``{"budget_gb": X}`` policy, which the planner resolves per input shape."""
+    return isinstance(spec, dict) and "budget_gb" in spec
 
 
 def _runs(n: int, size: int) -> list[range]:
@@ -162,6 +183,9 @@ def resolve_policy(spec: Any, segments: Sequence[Segment]) -> list[CheckpointGro
         ValueError: for an invalid spec, or segment/block names the network does not have.
     """
     spec = validate_policy(spec)
+    if is_budget_policy(spec):
+        raise ValueError(f"checkpoint_policy {spec!r} is chosen by the planner for an input shape: give it to a "
+                         "network's checkpoint_policy, or call monai_ckpt.planner.plan().")
     if isinstance(spec, list) and any(isinstance(n, dict) for n in spec):
         return _union(spec, segments)
     mode = "full"

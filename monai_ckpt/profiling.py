@@ -23,7 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .checkpoint import _KEEP_IN_CHEAP
 
 __all__ = [
     "BlockCost",
@@ -106,15 +110,19 @@ def training_step(
 
 @contextlib.contextmanager
 def _steady_state(factory, input_shape, estimate, device, optimizer, amp):  # noqa: ANN001, ANN202
-    """Network, optimizer and batch after one training step (optimizer state exists, as in steady-state
-    training), all fake tensors when ``estimate``."""
+    """Network, optimizer and batch as in steady-state training: the optimizer has its state (made by one
+    optimizer step on zero gradients, which costs no forward), all fake tensors when ``estimate``."""
     with _fake_mode() if estimate else contextlib.nullcontext():
         model = factory().train()
         if device.type != "cpu":
             model.to(device)
         opt = make_optimizer(model, optimizer)
+        if opt is not None:
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            model.zero_grad(set_to_none=True)
         x = torch.randn(*input_shape, device=device)
-        training_step(model, x, opt, amp)
         yield model, opt, x
 
 
@@ -215,7 +223,18 @@ class BlockCost:
         saved_bytes: bytes of the tensors its forward saves for backward (parameters excluded; tensors
             that existed before the block, such as its input, excluded too).
         output_bytes: bytes of what it passes on: the boundary a checkpoint ending here keeps.
-        forward_s: median forward time (with autograd recording), None in estimate mode.
+        forward_s: median forward time (with autograd recording; this process's CPU time, which other processes
+            on a shared machine do not inflate), None in estimate mode.
+        kept_bytes: bytes its forward leaves alive until its backward when it runs plainly (saved tensors
+            and what it passes on, each storage once).
+        next_bytes: of ``output_bytes``, the running tensor the next block takes.
+        side_bytes: of ``output_bytes``, the rest: skips and residual branches pushed for later blocks, and
+            emitted side-head outputs.
+        cheap_bytes: bytes a ``"cheap"`` checkpoint keeps inside it besides what it passes on (the outputs of
+            its convolutions and matmuls).
+        input_bytes: bytes of the tensors it takes (the running tensor and the skips it pops).
+        param_bytes: bytes of the parameters it uses (their gradients appear during its backward).
+        cheap_recompute_s: of ``forward_s``, the time of the operators a ``"cheap"`` checkpoint recomputes.
     """
 
     block: str
@@ -225,11 +244,46 @@ class BlockCost:
     saved_bytes: int
     output_bytes: int
     forward_s: float | None = None
+    kept_bytes: int = 0
+    next_bytes: int = 0
+    side_bytes: int = 0
+    cheap_bytes: int = 0
+    input_bytes: int = 0
+    param_bytes: int = 0
+    cheap_recompute_s: float | None = None
 
 
 def _storages(*tensors: torch.Tensor) -> dict[int, torch.UntypedStorage]:
     """Storages by id; the dict holds them, so an id cannot be reused while it is in use."""
     return {id(st): st for st in (t.untyped_storage() for t in tensors)}
+
+
+def _nbytes(storages: dict[int, torch.UntypedStorage]) -> int:
+    return sum(st.nbytes() for st in storages.values())
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records the storages of convolution/matmul outputs (what a cheap checkpoint keeps), the parameters
+    used, and, when timing, the time of every other operator (what a cheap checkpoint recomputes)."""
+
+    def __init__(self, params: dict[int, torch.UntypedStorage], timing: bool) -> None:
+        super().__init__()
+        self.params, self.timing = params, timing
+        self.kept: dict[int, torch.UntypedStorage] = {}
+        self.used: dict[int, torch.UntypedStorage] = {}
+        self.recompute_s = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        t0 = time.process_time()
+        out = func(*args, **(kwargs or {}))
+        if func in _KEEP_IN_CHEAP:
+            self.kept.update(_storages(*(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))))
+        elif self.timing:
+            self.recompute_s += time.process_time() - t0
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and id(st := t.untyped_storage()) in self.params:
+                self.used[id(st)] = st
+        return out
 
 
 def block_costs(
@@ -238,11 +292,12 @@ def block_costs(
     *,
     estimate: bool = False,
     repeats: int = 3,
+    amp: bool = False,
 ) -> list[BlockCost]:
     """Per-block costs of ``factory()``, a monai_ckpt network, on a batch of ``input_shape``.
 
-    The blocks run in the network's own order (the chain its policies checkpoint), without checkpointing;
-    saved tensors are counted once per storage.
+    The blocks run in the network's own order (the chain its policies checkpoint), without checkpointing,
+    under autocast when ``amp``; saved tensors are counted once per storage.
     """
     from .networks.base import _run_steps
 
@@ -252,31 +307,45 @@ def block_costs(
         x = torch.randn(*input_shape)
         params = _storages(*model.parameters())
         times: dict[str, list[float]] = {s.block: [] for s in steps}
+        cheap_times: dict[str, list[float]] = {s.block: [] for s in steps}
         costs: list[BlockCost] = []
         for rep in range(1 if estimate else repeats):
             h, stack = x, []
             for step in steps:
                 before = _storages(h, *stack)
+                inputs = _storages(h, *stack[len(stack) - step.pops :]) if step.pops else _storages(h)
                 saved: dict[int, torch.UntypedStorage] = {}
 
                 def pack(t: torch.Tensor, saved=saved, before=before) -> torch.Tensor:
                     saved.update((k, st) for k, st in _storages(t).items() if k not in params and k not in before)
                     return t
 
-                t0 = time.perf_counter()
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    outs = _run_steps([step], h, *stack)
-                times[step.block].append(time.perf_counter() - t0)
+                recorder = _OpRecorder(params, timing=not estimate)
+                t0 = time.process_time()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
+                        outs = _run_steps([step], h, *stack)
+                times[step.block].append(time.process_time() - t0)
+                cheap_times[step.block].append(recorder.recompute_s)
                 h, stack = outs[0], list(outs[1 : len(outs) - step.emit])
                 if rep == 0:  # what it passes on: every tensor it made that outlives it
-                    made = [st for k, st in _storages(*outs).items() if k not in before]
+                    made = {k: st for k, st in _storages(*outs).items() if k not in before}
+                    nxt = {k: st for k, st in _storages(outs[0]).items() if k in made}
+                    side = {k: st for k, st in made.items() if k not in nxt}
+                    kept = {**saved, **made}
+                    cheap = {k: st for k, st in recorder.kept.items() if k not in before and k not in made}
                     seg = step.segment
-                    costs.append(BlockCost(step.block, seg.name, seg.kind, seg.level,
-                                           sum(st.nbytes() for st in saved.values()), sum(st.nbytes() for st in made)))
+                    costs.append(BlockCost(
+                        step.block, seg.name, seg.kind, seg.level, _nbytes(saved), _nbytes(made),
+                        kept_bytes=_nbytes(kept), next_bytes=_nbytes(nxt), side_bytes=_nbytes(side),
+                        cheap_bytes=_nbytes(cheap), input_bytes=_nbytes(inputs),
+                        param_bytes=_nbytes(recorder.used),
+                    ))
             del h, stack
     if not estimate:
         for cost in costs:
             cost.forward_s = statistics.median(times[cost.block])
+            cost.cheap_recompute_s = statistics.median(cheap_times[cost.block])
     return costs
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import checkpoint
-from ..policies import CheckpointGroup, PolicySpec, Segment, resolve_policy
+from ..policies import CheckpointGroup, PolicySpec, Segment, is_budget_policy, resolve_policy, validate_policy
 
 __all__ = ["ChainStep", "CheckpointPolicyMixin", "run_chain", "segment_steps"]
 
@@ -109,11 +109,11 @@ def run_chain(
 
 class CheckpointPolicyMixin:
     """Adds ``checkpoint_policy`` and ``checkpoint_segments()`` to a network that implements
-    ``_chain_steps()``. The network's forward calls ``_checkpointing()`` and then ``_checkpointed_forward``.
+    ``_chain_steps()``. The network's forward calls ``_checkpointing(x)`` and then ``_checkpointed_forward``.
     """
 
-    __jit_unused_properties__ = ["checkpoint_policy"]
-    __jit_ignored_attributes__ = ["_checkpoint_spec", "_checkpoint_groups"]
+    __jit_unused_properties__ = ["checkpoint_policy", "checkpoint_plan"]
+    __jit_ignored_attributes__ = ["_checkpoint_spec", "_checkpoint_groups", "_checkpoint_plans", "_checkpoint_plan_key"]
 
     def _chain_steps(self) -> list[ChainStep]:
         raise NotImplementedError
@@ -154,17 +154,43 @@ class CheckpointPolicyMixin:
 
     @checkpoint_policy.setter
     def checkpoint_policy(self, spec: PolicySpec) -> None:
-        groups = resolve_policy(spec, self.checkpoint_segments())
+        groups = [] if is_budget_policy(validate_policy(spec)) else resolve_policy(spec, self.checkpoint_segments())
         nn.Module.__setattr__(self, "_checkpoint_groups", groups)
         nn.Module.__setattr__(self, "_checkpoint_spec", spec)
+        nn.Module.__setattr__(self, "_checkpoint_plans", {})
+        nn.Module.__setattr__(self, "_checkpoint_plan_key", None)
+
+    @property
+    def checkpoint_plan(self) -> Any:
+        """With a ``{"budget_gb": X}`` policy, the `monai_ckpt.planner.Plan` for the last training input shape
+        (None before the first training forward, or for other policies)."""
+        return self._checkpoint_plans.get(self._checkpoint_plan_key)
 
     def checkpoint_groups(self) -> list[CheckpointGroup]:
-        """The groups of segments the current policy recomputes together, in execution order."""
+        """The groups of segments the current policy recomputes together, in execution order (for a budget
+        policy: those of the plan for the last training input shape)."""
         return list(self._checkpoint_groups)
 
     @torch.jit.unused
-    def _checkpointing(self) -> bool:
-        return bool(self._checkpoint_groups) and self.training and torch.is_grad_enabled()  # type: ignore[attr-defined]
+    def _checkpointing(self, x: torch.Tensor) -> bool:
+        if not (self.training and torch.is_grad_enabled()):  # type: ignore[attr-defined]
+            return False
+        if is_budget_policy(self._checkpoint_spec):
+            self._use_plan(x)
+        return bool(self._checkpoint_groups)
+
+    @torch.jit.unused
+    def _use_plan(self, x: torch.Tensor) -> None:
+        """Plan for this input (once per shape, dtype and autocast state) and use the plan's groups."""
+        amp = torch.is_autocast_enabled(x.device.type)
+        key = (tuple(x.shape), x.dtype, amp)
+        if key not in self._checkpoint_plans:
+            from ..planner import plan_for_network
+
+            self._checkpoint_plans[key] = plan_for_network(self, x, amp, self._checkpoint_spec)
+        plan = self._checkpoint_plans[key]
+        nn.Module.__setattr__(self, "_checkpoint_plan_key", key)
+        nn.Module.__setattr__(self, "_checkpoint_groups", resolve_policy(plan.policy, self.checkpoint_segments()))
 
     @torch.jit.unused
     def _checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -174,7 +174,7 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             self._check_input(x)
-            if self._checkpointing():
+            if self._checkpointing(x):
                 return self._checkpointed_forward(x)
         # DynUNet.forward, verbatim (TorchScript cannot call super())
         out = self.skip_layers(x)

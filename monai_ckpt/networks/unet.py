@@ -152,6 +152,6 @@ class CheckpointUNet(CheckpointPolicyMixin, UNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             self._check_input(x)
-            if self._checkpointing():
+            if self._checkpointing(x):
                 return self._checkpointed_forward(x)
         return self.model(x)

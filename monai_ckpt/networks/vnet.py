@@ -122,7 +122,7 @@ class CheckpointVNet(CheckpointPolicyMixin, VNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             self._check_input(x)
-            if self._checkpointing():
+            if self._checkpointing(x):
                 return self._checkpointed_forward(x)
         # VNet.forward, verbatim (TorchScript cannot call super())
         out16 = self.in_tr(x)

@@ -1,0 +1,668 @@
+"""Datasets, data checks and safe writing of outputs for the bundles.
+
+- ``make_brain_tissue_dataset``: derives a small 4-class brain-tissue dataset (0 background, 1 CSF/other,
+  2 grey matter, 3 white matter) from the MNI ICBM152 2009a template, in Medical Segmentation Decathlon layout.
+  Every subject is the template under a seeded spatial transform (rotation, anisotropic scaling, translation,
+  smooth elastic displacement), resampled to a 2 mm grid cropped at a random offset, with seeded intensity
+  augmentation (multiplicative bias field, gamma, contrast, noise). Reproducible: the same arguments give the
+  same arrays and, on the same platform, the same bytes.
+- ``make_synthetic_dataset``: tiny nested-ellipsoid volumes in MSD layout, for tests and smoke runs.
+- ``check_datalist``: validates a datalist before anything is trained or written (missing or truncated files,
+  image/label shape or affine mismatch, label values outside the classes, empty list); one error names every
+  bad file.
+- ``AtomicNibabelWriter`` (a ``SaveImaged`` writer) and ``AtomicCheckpointSaver`` (MONAI's ``CheckpointSaver``,
+  whose own files are written in place) write to a temporary file and rename it, so an interrupted run never
+  leaves a half-written segmentation or model file.
+- ``save_overlay_png``: a few slices of images with their segmentations overlaid.
+
+Command line::
+
+    python -m monai_ckpt.data brain-tissue --source <mni152 dir> --output <dataset dir>
+    python -m monai_ckpt.data synthetic --output <dataset dir> --shape 32 32 32 --num-classes 4
+    python -m monai_ckpt.data check <dataset dir>/dataset.json --num-classes 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "BRAIN_TISSUE_LABELS",
+    "AtomicCheckpointSaver",
+    "AtomicNibabelWriter",
+    "DataCheckError",
+    "atomic_path",
+    "check_datalist",
+    "load_checked_datalist",
+    "make_brain_tissue_dataset",
+    "make_synthetic_dataset",
+    "save_bundle_overlay",
+    "save_overlay_png",
+]
+
+BRAIN_TISSUE_LABELS = {"0": "background", "1": "CSF/other", "2": "grey matter", "3": "white matter"}
+MNI152_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+
+class DataCheckError(ValueError):
+    """A dataset problem found by `check_datalist`; the message names every bad file."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# atomic writing
+
+
+class atomic_path:
+    """Context manager giving a temporary path next to ``path`` (same suffixes, so writers pick the same format);
+    on success the file is renamed onto ``path`` (atomic on POSIX), on error it is removed.
+
+    Args:
+        path: the final file path.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(self.path.suffixes[-2:]) if self.path.name.endswith(".nii.gz") else self.path.suffix
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".tmp{suffix}", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is None:
+            os.chmod(self.tmp, 0o644)  # mkstemp makes it 0600
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _atomic_save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+try:
+    from monai.data import NibabelWriter
+except ImportError:  # pragma: no cover
+    NibabelWriter = object  # type: ignore[misc,assignment]
+
+
+class AtomicNibabelWriter(NibabelWriter):  # type: ignore[misc,valid-type]
+    """MONAI's ``NibabelWriter`` that writes to a temporary file and renames it onto the target, so a crash or
+    interrupt never leaves a truncated segmentation. Use as ``SaveImaged(..., writer=AtomicNibabelWriter)`` or
+    ``"writer": "monai_ckpt.data.AtomicNibabelWriter"`` in a bundle config."""
+
+    def write(self, filename: str | os.PathLike, verbose: bool = False, **obj_kwargs: Any) -> None:
+        with atomic_path(filename) as tmp:
+            super().write(tmp, verbose=verbose, **obj_kwargs)
+
+
+def _atomic_disk_saver(dirname: str, filename: str | None):
+    from ignite.handlers import DiskSaver
+
+    class _AtomicDiskSaver(DiskSaver):
+        """ignite's ``DiskSaver`` in atomic mode (temporary file + ``os.replace``), with MONAI's fixed-filename
+        option. ignite's ``Checkpoint`` removes the file it replaces *before* saving the new one; here removal is
+        deferred until the new file is on disk, so there is never a moment without a model file."""
+
+        def __init__(self) -> None:
+            super().__init__(dirname=dirname, require_empty=False, atomic=True)
+            self.filename = filename
+            self._pending: list[str] = []
+
+        def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+            import ignite.distributed as idist
+
+            name = self.filename or filename
+            super().__call__(checkpoint, name, metadata)
+            if idist.get_rank() != self.save_on_rank:
+                self._pending.clear()  # only the rank that writes the files removes them
+                return
+            for old in self._pending:
+                if old != name:
+                    (Path(self.dirname) / old).unlink(missing_ok=True)
+            self._pending.clear()
+
+        def remove(self, filename: str) -> None:
+            self._pending.append(self.filename or filename)
+
+    return _AtomicDiskSaver()
+
+
+try:
+    from monai.handlers import CheckpointSaver
+except ImportError:  # pragma: no cover
+    CheckpointSaver = object  # type: ignore[misc,assignment]
+
+
+class AtomicCheckpointSaver(CheckpointSaver):  # type: ignore[misc,valid-type]
+    """MONAI's ``CheckpointSaver`` (same arguments) whose files are written atomically.
+
+    MONAI 1.6's ``CheckpointSaver`` uses ignite's ``DiskSaver(atomic=False)`` and lets ignite remove the previous
+    best/final file before writing the new one: an interrupt at the wrong moment leaves a truncated ``model.pt``
+    or none. Here every file goes to a temporary file in the same directory and is renamed onto its name, and the
+    file it replaces is removed only after that.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, *args: Any, **kwargs: Any) -> None:
+        super().__init__(save_dir, save_dict, *args, **kwargs)
+        fixed = {
+            "_final_checkpoint": self._final_filename,
+            "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
+            "_interval_checkpoint": None,
+        }
+        for attr, filename in fixed.items():
+            ckpt = getattr(self, attr, None)
+            if ckpt is not None:
+                ckpt.save_handler = _atomic_disk_saver(self.save_dir, filename)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data checks
+
+
+def _load_header(path: str) -> nib.spatialimages.SpatialImage:
+    try:
+        return nib.load(path)
+    except Exception as e:  # nibabel raises several types for unreadable files
+        raise DataCheckError(f"{path}: cannot read the image header ({type(e).__name__}: {e})") from e
+
+
+def _read_array(img: nib.spatialimages.SpatialImage, path: str) -> np.ndarray:
+    try:
+        return np.asarray(img.dataobj)
+    except Exception as e:  # a truncated .nii.gz raises EOFError/OSError/zlib.error
+        raise DataCheckError(f"{path}: cannot read the image data, the file may be truncated "
+                             f"({type(e).__name__}: {e})") from e
+
+
+def check_datalist(
+    datalist: Sequence[Mapping[str, Any]],
+    num_classes: int | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+    read_data: bool = True,
+    atol: float = 1e-3,
+    source: str | os.PathLike | None = None,
+    max_errors: int = 20,
+) -> list[dict]:
+    """Check a segmentation datalist before training, evaluation or inference; returns it unchanged.
+
+    Every item must have ``image_key`` naming a readable NIfTI (or other nibabel) file. Where an item has
+    ``label_key``, the label must have the image's spatial shape and affine (to ``atol`` mm) and, with
+    ``num_classes``, integer values in ``0 .. num_classes - 1``. With ``read_data`` every file is read in full
+    (this finds truncated files; headers alone are read otherwise).
+
+    Args:
+        datalist: list of dicts such as ``{"image": path, "label": path}`` (``load_decathlon_datalist`` output).
+        num_classes: number of classes including background; ``None`` skips the label value check.
+        image_key: key of the image path.
+        label_key: key of the label path (optional in items: inference lists have none).
+        read_data: read the full arrays, not only the headers.
+        atol: tolerance for comparing image and label affines.
+        source: where the list came from (a dataset.json), named in the errors.
+        max_errors: at most this many problems are listed in the error.
+
+    Raises:
+        DataCheckError: (a ``ValueError``) listing every problem found, each naming its file.
+    """
+    where = f" from {source}" if source is not None else ""
+    if not datalist:
+        raise DataCheckError(f"the datalist{where} is empty: no {image_key!r} files to use.")
+    errors: list[str] = []
+    for i, item in enumerate(datalist):
+        if len(errors) >= max_errors:
+            break
+        try:
+            _check_item(item, i, num_classes, image_key, label_key, read_data, atol)
+        except DataCheckError as e:
+            errors.append(str(e))
+    if errors:
+        more = " (stopped after the first {max_errors})" if len(errors) >= max_errors else ""
+        raise DataCheckError(f"{len(errors)} problem(s) in the datalist{where}{more}:\n  - " + "\n  - ".join(errors))
+    return list(datalist)
+
+
+def _check_item(item: Mapping, index: int, num_classes: int | None, image_key: str, label_key: str,
+                read_data: bool, atol: float) -> None:
+    if not isinstance(item, Mapping) or image_key not in item:
+        raise DataCheckError(f"item {index} has no {image_key!r} key: {item!r}")
+    paths = {k: str(item[k]) for k in (image_key, label_key) if k in item}
+    for key, path in paths.items():
+        if not os.path.isfile(path):
+            raise DataCheckError(f"{path}: {key} file not found (item {index})")
+    imgs = {k: _load_header(p) for k, p in paths.items()}
+    arrays = {k: _read_array(img, paths[k]) for k, img in imgs.items()} if read_data else {}
+    if label_key not in imgs:
+        return
+    image, label = imgs[image_key], imgs[label_key]
+    img_shape, lab_shape = tuple(image.shape[:3]), tuple(label.shape[:3])
+    if img_shape != lab_shape:
+        raise DataCheckError(f"{paths[label_key]}: label shape {lab_shape} does not match image shape {img_shape} "
+                             f"of {paths[image_key]}")
+    if not np.allclose(image.affine, label.affine, atol=atol):
+        raise DataCheckError(f"{paths[label_key]}: label affine does not match the affine of {paths[image_key]}:\n"
+                             f"{np.array2string(label.affine, precision=3)}\nvs\n"
+                             f"{np.array2string(image.affine, precision=3)}")
+    if num_classes is not None and read_data:
+        values = np.unique(arrays[label_key])
+        bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < num_classes]
+        if bad:
+            raise DataCheckError(f"{paths[label_key]}: label values {bad[:10]} are outside the classes "
+                                 f"0..{num_classes - 1}")
+
+
+def load_checked_datalist(
+    dataset_dir: str | os.PathLike,
+    data_list_key: str = "training",
+    num_classes: int | None = None,
+    datalist_file: str | os.PathLike | None = None,
+    read_data: bool = True,
+) -> list[dict]:
+    """``monai.data.load_decathlon_datalist`` of an MSD-layout dataset, checked with `check_datalist`.
+
+    Args:
+        dataset_dir: the dataset folder (holding ``dataset.json``, ``imagesTr/``...); paths are relative to it.
+        data_list_key: ``"training"``, ``"test"`` or any other list in the JSON.
+        num_classes: see `check_datalist`.
+        datalist_file: the JSON file, by default ``dataset_dir/dataset.json``.
+        read_data: see `check_datalist`.
+    """
+    from monai.data import load_decathlon_datalist
+
+    datalist_file = Path(datalist_file) if datalist_file is not None else Path(dataset_dir) / "dataset.json"
+    if not datalist_file.is_file():
+        raise DataCheckError(f"{datalist_file}: dataset list not found (expected Medical Segmentation Decathlon "
+                             "layout: dataset.json, imagesTr/, labelsTr/, imagesTs/)")
+    try:
+        datalist = load_decathlon_datalist(datalist_file, True, data_list_key, dataset_dir)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise DataCheckError(f"{datalist_file}: {e}") from e
+    return check_datalist(datalist, num_classes, read_data=read_data, source=datalist_file)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# datasets
+
+
+def _write_dataset_json(output: Path, name: str, description: str, labels: Mapping[str, str], modality: str,
+                        training: list[dict], test: list[str], extra: Mapping[str, Any] | None = None) -> None:
+    meta = {
+        "name": name,
+        "description": description,
+        "tensorImageSize": "3D",
+        "modality": {"0": modality},
+        "labels": dict(labels),
+        "numTraining": len(training),
+        "numTest": len(test),
+        "training": training,
+        "test": test,
+        **(extra or {}),
+    }
+    with atomic_path(output / "dataset.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of a (N, C, D, H, W) tensor, sigma in voxels."""
+    radius = max(1, math.ceil(2.5 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    for dim in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + dim] = k.numel()
+        pad = [0] * 6
+        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
+        x = F.conv3d(F.pad(x, pad, mode="replicate"), k.reshape(shape).repeat(c, 1, 1, 1, 1), groups=c)
+    return x
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _brain_subject(src: torch.Tensor, src_affine: np.ndarray, rng: np.random.Generator, spacing: float,
+                   shape: tuple[int, int, int], center: np.ndarray, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One augmented subject: (uint8 image, uint8 label, affine of its grid)."""
+    # output grid: ``shape`` voxels of ``spacing`` mm, RAS, centred near the brain centre
+    offset = center + rng.uniform(-8, 8, 3) - spacing * (np.array(shape) - 1) / 2
+    out_affine = np.diag([spacing, spacing, spacing, 1.0])
+    out_affine[:3, 3] = np.round(offset, 3)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    world = idx * spacing + out_affine[:3, 3]
+    # subject -> template: rotation, anisotropic scaling about the brain centre, translation, elastic displacement
+    lin = _rotation(np.deg2rad(rng.uniform(-10, 10, 3))) @ np.diag(rng.uniform(0.9, 1.1, 3))
+    src_world = (world - center) @ lin.T + center + rng.uniform(-4, 4, 3)
+    coarse = torch.from_numpy(rng.normal(0, 2.0, (1, 3, 5, 5, 5)))  # mm, on a 5^3 control grid
+    disp = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)[0].reshape(3, -1).T.numpy()
+    src_world = src_world + disp
+    src_vox = (src_world - src_affine[:3, 3]) @ np.linalg.inv(src_affine[:3, :3]).T
+    sizes = np.array(src.shape[2:])
+    norm = 2 * src_vox / (sizes - 1) - 1  # grid_sample, align_corners=True
+    grid = torch.from_numpy(norm[:, ::-1].copy()).float().reshape(1, *shape, 3)  # (x, y, z) = (W, H, D)
+    warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0].numpy()
+    t1, gm, wm, mask = warped
+    # labels: brain mask from the template's T1 > 0; inside it the most probable of CSF/other, GM, WM
+    other = np.clip(1 - gm - wm, 0, 1)
+    label = np.where(mask >= 0.5, np.argmax(np.stack([other, gm, wm]), 0) + 1, 0).astype(np.uint8)
+    # intensity: smooth multiplicative bias field, gamma, contrast, Rician-like noise in the brain
+    coords = (idx - (np.array(shape) - 1) / 2) / (np.array(shape) / 2)
+    terms = np.concatenate([coords, coords**2, coords[:, [0]] * coords[:, [1]], coords[:, [1]] * coords[:, [2]]], 1)
+    bias = np.exp(terms @ rng.uniform(-0.12, 0.12, terms.shape[1])).reshape(shape)
+    img = np.clip(t1, 0, 1) ** rng.uniform(0.8, 1.25) * rng.uniform(0.85, 1.05) * bias
+    # noise inside the head only: the template is skull-stripped, and a noisy background would triple file sizes
+    n1, n2 = rng.normal(0, noise, (2, *shape)) * (mask >= 0.5)
+    img = np.sqrt((img + n1) ** 2 + n2**2)
+    image = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
+    return image, label, out_affine
+
+
+def make_brain_tissue_dataset(
+    source_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    num_training: int = 6,
+    num_test: int = 2,
+    seed: int = 0,
+    spacing: float = 2.0,
+    noise: float = 0.01,
+    subjects: Sequence[int] | None = None,
+) -> Path:
+    """Derive the 4-class brain-tissue dataset from the MNI ICBM152 2009a template, in MSD layout.
+
+    Labels: 0 background (outside the template's brain mask ``T1 > 0``), and inside it the most probable of
+    1 CSF/other (probability ``1 - p_GM - p_WM``: ventricles, sulcal CSF, deep structures the tissue maps give
+    to neither), 2 grey matter, 3 white matter, the probability maps warped with the image. Subject ``i`` uses
+    the random stream ``(seed, i)`` only, so any subset can be regenerated and compared with the full dataset.
+    A ``NOTICE.md`` with the template's copyright notice and terms of use (from the source's) is written with it.
+
+    Args:
+        source_dir: folder with the template files (see ``MNI152_FILES``) and ``NOTICE.md``.
+        output_dir: dataset folder to write (``dataset.json``, ``imagesTr/``, ``labelsTr/``, ``imagesTs/``).
+        num_training: labelled subjects (``imagesTr``/``labelsTr``).
+        num_test: unlabelled subjects (``imagesTs``).
+        seed: random seed.
+        spacing: output voxel size in mm.
+        noise: noise standard deviation, as a fraction of the intensity range.
+        subjects: write only these subject indices (0 .. num_training + num_test - 1); all by default.
+
+    Returns:
+        The dataset folder.
+    """
+    source, output = Path(source_dir), Path(output_dir)
+    vols, src_affine = [], None
+    for key in ("t1", "gm", "wm"):
+        img = nib.load(source / MNI152_FILES[key])
+        vols.append(np.asarray(img.dataobj, dtype=np.float32) / 255.0)
+        src_affine = img.affine if src_affine is None else src_affine
+    mask = (vols[0] > 0).astype(np.float32)
+    src = torch.from_numpy(np.stack([*vols, mask]))[None]
+    # anti-aliasing before sampling the 1 mm template on a coarser grid
+    src = _smooth(src, sigma=0.4 * spacing / float(abs(src_affine[0, 0])))
+    idx = np.argwhere(mask > 0)
+    center = (idx.min(0) + idx.max(0)) / 2 @ src_affine[:3, :3].T + src_affine[:3, 3]
+    total = num_training + num_test
+    wanted = range(total) if subjects is None else subjects
+    for d in ("imagesTr", "labelsTr", "imagesTs"):
+        (output / d).mkdir(parents=True, exist_ok=True)
+    training, test = [], []
+    for i in range(total):
+        name = f"brain_{i:03d}.nii.gz"
+        if i < num_training:
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        else:
+            test.append(f"./imagesTs/{name}")
+        if i not in wanted:
+            continue
+        rng = np.random.default_rng([seed, i])
+        shape = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in ((60, 68), (72, 80), (60, 68)))
+        image, label, affine = _brain_subject(src, src_affine, rng, spacing, shape, center, noise)
+        folder = "imagesTr" if i < num_training else "imagesTs"
+        _atomic_save_nifti(_nifti(image, affine), output / folder / name)
+        if i < num_training:
+            _atomic_save_nifti(_nifti(label, affine), output / "labelsTr" / name)
+    _write_dataset_json(
+        output, "MNI152 brain tissue",
+        f"4-class brain tissue segmentation derived from the MNI ICBM152 2009a nonlinear symmetric template "
+        f"(T1, GM/WM probability maps): {total} subjects made by seeded spatial and intensity augmentation "
+        f"(seed {seed}), {spacing:g} mm. Generated by `python -m monai_ckpt.data brain-tissue`. "
+        "See NOTICE.md for the template's terms of use.",
+        BRAIN_TISSUE_LABELS, "T1", training, test,
+        {"reference": "MNI ICBM152 2009a, McConnell Brain Imaging Centre, Montreal Neurological Institute",
+         "licence": "see NOTICE.md", "release": f"seed {seed}"},
+    )
+    notice = (source / "NOTICE.md").read_text() if (source / "NOTICE.md").is_file() else ""
+    with atomic_path(output / "NOTICE.md") as tmp:
+        tmp.write_text(
+            "# Notice\n\nThe images and labels in this folder are derived from the MNI ICBM152 2009a nonlinear "
+            "symmetric template\n(T1 and grey/white-matter probability maps; McConnell Brain Imaging Centre, "
+            "Montreal Neurological Institute)\nby `python -m monai_ckpt.data brain-tissue` "
+            f"(seed {seed}, {spacing:g} mm; see monai_ckpt/data.py). They carry the\ntemplate's copyright notice "
+            "and terms of use, reproduced below from the source's NOTICE.md.\n\n---\n\n" + notice)
+    return output
+
+
+def _nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def make_synthetic_dataset(
+    output_dir: str | os.PathLike,
+    num_training: int = 3,
+    num_test: int = 1,
+    shape: Sequence[int] = (32, 32, 32),
+    num_classes: int = 4,
+    seed: int = 0,
+    spacing: float = 1.5,
+    intensities: Sequence[float] | None = None,
+    noise: float = 0.05,
+    test_orientation: str = "LPS",
+) -> Path:
+    """Tiny volumes in MSD layout: nested random ellipsoids, class ``k`` inside class ``k - 1``, each class with
+    its own mean intensity, plus Gaussian noise. Test images are stored in ``test_orientation`` (LPS by default,
+    the training ones in RAS), so a pipeline that writes outputs with its input's affine can be checked.
+
+    Args:
+        output_dir: dataset folder to write.
+        num_training: labelled volumes.
+        num_test: unlabelled volumes.
+        shape: spatial size.
+        num_classes: classes including background.
+        seed: random seed.
+        spacing: voxel size in mm.
+        intensities: mean intensity per class; by default ``0, 1, ..., num_classes - 1`` scaled to [0, 1].
+        noise: noise standard deviation, relative to the intensity range.
+        test_orientation: axis codes of the test images (``"RAS"``, ``"LPS"``, ...).
+    """
+    output = Path(output_dir)
+    rng = np.random.default_rng(seed)
+    means = np.asarray(intensities if intensities is not None else np.linspace(0, 1, num_classes), dtype=np.float32)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
+    for d in ("imagesTr", "labelsTr", "imagesTs"):
+        (output / d).mkdir(parents=True, exist_ok=True)
+    training, test = [], []
+    for i in range(num_training + num_test):
+        label = np.zeros(shape, np.uint8)
+        center = rng.uniform(-0.15, 0.15, 3)
+        for k in range(1, num_classes):
+            radii = rng.uniform(0.75, 0.9, 3) * (1 - (k - 1) / num_classes)
+            label[(((grid - center) / radii) ** 2).sum(-1) <= 1] = k
+        span = float(means.max() - means.min()) or 1.0
+        image = (means[label] + rng.normal(0, noise * span, shape)).astype(np.float32)
+        affine = np.diag([spacing, spacing, spacing, 1.0])
+        affine[:3, 3] = rng.uniform(-20, 20, 3).round(2)
+        name = f"case_{i:03d}.nii.gz"
+        if i < num_training:
+            _atomic_save_nifti(_nifti(image, affine), output / "imagesTr" / name)
+            _atomic_save_nifti(_nifti(label, affine), output / "labelsTr" / name)
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        else:
+            img = _nifti(image, affine)
+            ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                                   nib.orientations.axcodes2ornt(tuple(test_orientation)))
+            _atomic_save_nifti(img.as_reoriented(ornt), output / "imagesTs" / name)
+            test.append(f"./imagesTs/{name}")
+    labels = {str(k): ("background" if k == 0 else f"class {k}") for k in range(num_classes)}
+    _write_dataset_json(output, "synthetic", "nested ellipsoids (monai_ckpt.data.make_synthetic_dataset)", labels,
+                        "synthetic", training, test)
+    return output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# figures
+
+
+def save_overlay_png(
+    images: Sequence[str | os.PathLike],
+    segmentations: Sequence[str | os.PathLike],
+    path: str | os.PathLike,
+    num_classes: int = 4,
+    title: str | None = None,
+) -> Path:
+    """A PNG with, per image, its axial, coronal and sagittal middle slices with the segmentation overlaid.
+
+    Both are read with nibabel and brought to RAS (closest canonical), so an image and a segmentation written
+    with the same affine line up whatever their storage orientation. Written atomically.
+
+    Args:
+        images: image files.
+        segmentations: segmentation files, one per image, same grid.
+        path: PNG to write.
+        num_classes: classes including background (background is not drawn).
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    if len(images) != len(segmentations) or not images:
+        raise ValueError(f"need one segmentation per image, got {len(images)} images, {len(segmentations)} segs.")
+    colors = plt.get_cmap("tab10")(np.arange(max(num_classes - 1, 1)))
+    cmap = ListedColormap(colors)
+    fig, axes = plt.subplots(len(images), 3, figsize=(9, 3.1 * len(images)), squeeze=False)
+    for row, (img_path, seg_path) in enumerate(zip(images, segmentations)):
+        img = np.asarray(nib.as_closest_canonical(nib.load(img_path)).dataobj, dtype=np.float32)
+        seg = np.asarray(nib.as_closest_canonical(nib.load(seg_path)).dataobj)
+        img, seg = img.reshape(img.shape[:3]), seg.reshape(seg.shape[:3])
+        if img.shape != seg.shape:
+            raise ValueError(f"{seg_path}: shape {seg.shape} differs from {img_path} {img.shape}.")
+        c = [n // 2 for n in img.shape]
+        views = [("axial", img[:, :, c[2]], seg[:, :, c[2]]), ("coronal", img[:, c[1], :], seg[:, c[1], :]),
+                 ("sagittal", img[c[0], :, :], seg[c[0], :, :])]
+        for ax, (name, im, sg) in zip(axes[row], views):
+            ax.imshow(im.T, cmap="gray", origin="lower")
+            ax.imshow(np.ma.masked_where(sg.T == 0, sg.T - 1), cmap=cmap, vmin=0, vmax=max(num_classes - 2, 1),
+                      alpha=0.45, origin="lower", interpolation="nearest")
+            ax.set_title(f"{Path(img_path).name.split('.')[0]} {name}", fontsize=8)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_bundle_overlay(images: Sequence[str | os.PathLike], output_dir: str | os.PathLike, path: str | os.PathLike,
+                        postfix: str = "seg", num_classes: int = 4, max_images: int = 3) -> Path:
+    """`save_overlay_png` of the first ``max_images`` of ``images`` with the segmentations a bundle's inference
+    wrote for them (``SaveImaged(output_dir=output_dir, output_postfix=postfix, separate_folder=False)``, that is
+    ``<output_dir>/<image name>_<postfix>.nii.gz``).
+
+    Args:
+        images: the input image files.
+        output_dir: where the segmentations are.
+        path: PNG to write.
+        postfix: the ``output_postfix`` of the bundle's ``SaveImaged``.
+        num_classes: classes including background.
+        max_images: at most this many images.
+    """
+    images = [str(p) for p in images][:max_images]
+    segs = [Path(output_dir) / f"{Path(p).name.split('.')[0]}_{postfix}.nii.gz" for p in images]
+    missing = [str(s) for s in segs if not s.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no segmentation for: {', '.join(missing)}")
+    return save_overlay_png(images, segs, path, num_classes, title="image with predicted segmentation")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m monai_ckpt.data", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("brain-tissue", help="derive the 4-class brain-tissue dataset from the MNI152 template")
+    p.add_argument("--source", required=True, help="folder with the MNI ICBM152 2009a files and NOTICE.md")
+    p.add_argument("--output", required=True)
+    p.add_argument("--num-training", type=int, default=6)
+    p.add_argument("--num-test", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spacing", type=float, default=2.0)
+    p = sub.add_parser("synthetic", help="tiny nested-ellipsoid volumes")
+    p.add_argument("--output", required=True)
+    p.add_argument("--num-training", type=int, default=3)
+    p.add_argument("--num-test", type=int, default=1)
+    p.add_argument("--shape", type=int, nargs=3, default=[32, 32, 32])
+    p.add_argument("--num-classes", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("check", help="check a dataset.json (files, shapes, affines, label values)")
+    p.add_argument("datalist_file")
+    p.add_argument("--key", default="training")
+    p.add_argument("--num-classes", type=int)
+    args = parser.parse_args(argv)
+    if args.command == "brain-tissue":
+        out = make_brain_tissue_dataset(args.source, args.output, args.num_training, args.num_test, args.seed,
+                                        args.spacing)
+    elif args.command == "synthetic":
+        out = make_synthetic_dataset(args.output, args.num_training, args.num_test, args.shape, args.num_classes,
+                                     args.seed)
+    else:
+        try:
+            items = load_checked_datalist(Path(args.datalist_file).parent, args.key, args.num_classes,
+                                          args.datalist_file)
+        except DataCheckError as e:
+            print(f"error: {e}")
+            return 1
+        print(f"{len(items)} items OK")
+        return 0
+    print(f"dataset written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

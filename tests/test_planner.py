@@ -1,0 +1,213 @@
+"""The planner: plans fit their budget (measured), predictions are accurate, the DP is exact, budget policies."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from helpers import train_steps
+from monai.networks.nets import UNet
+
+import monai_ckpt.planner as planner
+from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet, plan
+from monai_ckpt.policies import resolve_policy, validate_policy
+from monai_ckpt.profiling import measure_step_memory
+
+GiB = 2**30
+UNET = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32, 64), strides=(2, 2, 2),
+            num_res_units=2, norm="batch")
+DYNUNET = dict(spatial_dims=3, in_channels=2, out_channels=2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2],
+               upsample_kernel_size=[2, 2, 2], filters=(8, 16, 32, 64), deep_supervision=True, deep_supr_num=1,
+               res_block=True)
+NETWORKS = {  # network, [(batch, patch, where the budget lies between the smallest and the plain peak)]
+    "unet": (lambda: CheckpointUNet(**UNET), [(2, (32, 32, 32), 0.6), (1, (48, 32, 32), 0.85)]),
+    "vnet": (lambda: CheckpointVNet(2, 1, 2), [(2, (128, 128), 0.5)]),  # 2D: in 3D its 45M parameters dominate
+    "dynunet": (lambda: CheckpointDynUNet(**DYNUNET), [(1, (32, 48, 32), 0.6)]),
+}
+
+
+def _measured(net, policy, input_shape, estimate=False):
+    """Live-tensor peak of a training step of ``net`` with ``policy`` (MemTracker; real tensors by default)."""
+    return measure_step_memory(lambda: planner._replica(net, policy), input_shape, estimate=estimate).peak
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_plans_fit_and_predictions_are_accurate(name):
+    make, cases = NETWORKS[name]
+    net = make()
+    for batch, shape, fraction in cases:
+        input_shape = (batch, net.in_channels, *shape)
+        plain = _measured(net, "none", input_shape, estimate=True)
+        smallest = _measured(net, "all", input_shape, estimate=True)
+        budget = smallest + fraction * (plain - smallest)
+        p = plan(net, shape, budget / GiB, batch_size=batch)
+        measured = _measured(net, p.policy, input_shape)  # real tensors
+        assert p.fits and measured <= p.budget_bytes, (name, shape, fraction, p)
+        assert abs(p.predicted_peak_bytes - measured) <= 0.10 * measured, (name, shape, p, measured)
+        assert p.predicted_peak_bytes < plain == p.plain_peak_bytes and p.predicted_time_ratio > 1.0
+
+
+def test_a_budget_that_fits_plain_needs_no_checkpointing():
+    p = plan(CheckpointUNet(**UNET), (32, 32, 32), 1.0, batch_size=2)
+    assert (p.policy, p.checkpointed, p.predicted_time_ratio, p.fits) == ("none", [], 1.0, True)
+    assert p.predicted_peak_bytes == p.plain_peak_bytes
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(budget_gb=0), "budget_gb must be a positive"),
+    (dict(budget_gb="8"), "budget_gb must be a positive"),
+    (dict(spatial_shape=(32, 32)), "must have 3 sizes"),
+    (dict(spatial_shape=(30, 32, 32)), "multiple of"),
+    (dict(batch_size=0), "batch_size must be a positive"),
+    (dict(optimizer="lbfgs"), "unknown optimizer"),
+])
+def test_bad_arguments_are_clear_errors(bad, match):
+    args = dict(spatial_shape=(32, 32, 32), budget_gb=1.0) | bad
+    with pytest.raises(ValueError, match=match):
+        plan(CheckpointUNet(**UNET), args.pop("spatial_shape"), args.pop("budget_gb"), **args)
+    with pytest.raises(TypeError, match="needs a monai_ckpt network"):
+        plan(UNet(**UNET), (32, 32, 32), 1.0)
+
+
+def test_dynamic_program_is_exact_against_brute_force():
+    """Every combination of segment options of a small network: the DP's pick is the fastest that fits."""
+    net = CheckpointUNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2),
+                         num_res_units=1)
+    prof = planner._profile(net, (1, 1, 32, 32, 32), False, "adam", timing=False)
+    prof.full_s = [0.01 * (1 + i % 3) for i in range(len(prof.costs))]  # distinct, known recompute costs
+    prof.cheap_s = [t / 4 for t in prof.full_s]
+    grads = planner._grads_after(prof)
+    options = [planner._segment_options(prof, blocks, grads) for _, blocks in prof.segments]
+    combos = list(itertools.product(*options))
+    assert len(combos) > 50
+    peaks = sorted({prof.fixed_bytes + max(_chain_peak(prof, c, grads), 0) for c in combos})
+    for limit in peaks[:: max(1, len(peaks) // 12)]:
+        feasible = [sum(o.time for o in c) for c in combos if _fits(prof, c, limit)]
+        solved = planner._solve(prof, limit, options)
+        if not feasible:
+            assert solved is None
+            continue
+        assert solved is not None and math.isclose(solved[2], min(feasible), abs_tol=1e-12)
+        assert _fits(prof, solved[0], limit)
+
+
+def _fits(prof, combo, limit):
+    kept = 0
+    for opt in combo:
+        if prof.fixed_bytes + kept + opt.peak > limit:
+            return False
+        kept += opt.kept
+    return True
+
+
+def _chain_peak(prof, combo, grads):
+    kept, peak = 0, 0
+    for opt in combo:
+        peak = max(peak, kept + opt.peak)
+        kept += opt.kept
+    return peak
+
+
+def test_plan_is_never_slower_than_the_fastest_fixed_policy_that_fits():
+    net = CheckpointUNet(**UNET)
+    input_shape = (2, 1, 32, 32, 32)
+    p0 = planner._Planner(net, input_shape, False, "adam")
+    plain, smallest = p0.peak("none"), p0.smallest()[1]
+    for fraction in (0.9, 0.7, 0.5, 0.3):
+        budget = int(smallest + fraction * (plain - smallest))
+        p = p0.plan(budget)
+        fixed = [f for f in planner.FIXED_POLICIES if f != "none" and p0.peak(f) <= budget]
+        assert fixed, "some fixed policy fits each of these budgets"
+        assert p.predicted_time_ratio <= min(p0.time_ratio(f) for f in fixed) + 1e-9
+        assert p.predicted_peak_bytes == p0.peak(p.policy) <= budget
+
+
+def test_budget_policy_plans_per_shape_and_trains_like_the_parent():
+    parent = UNet(**UNET)
+    net = CheckpointUNet(**UNET)
+    plain = _measured(net, "none", (2, 1, 32, 32, 32), estimate=True)
+    smallest = _measured(net, "all", (2, 1, 32, 32, 32), estimate=True)
+    budget = (smallest + 0.5 * (plain - smallest)) / GiB
+    net.checkpoint_policy = {"budget_gb": budget}
+    assert net.checkpoint_groups() == [] and net.checkpoint_plan is None  # planned on the first training forward
+    net.load_state_dict(parent.state_dict())
+    inputs = [torch.randn(2, 1, 32, 32, 32) for _ in range(2)]
+    outs_c = train_steps(net, inputs)
+    outs_p = train_steps(parent, inputs)
+    for a, b in zip(outs_p, outs_c, strict=True):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+    for (name, p), (_, c) in zip(parent.named_parameters(), net.named_parameters(), strict=True):
+        torch.testing.assert_close(c, p, atol=0, rtol=0, msg=name)
+    first = net.checkpoint_plan
+    assert first.input_shape == (2, 1, 32, 32, 32) and first.policy != "none"
+    assert net.checkpoint_groups() == resolve_policy(first.policy, net.checkpoint_segments())
+    assert _measured(net, first.policy, (2, 1, 32, 32, 32)) <= budget * GiB
+    # a smaller input fits without checkpointing: a new plan for the new shape, the old one is kept
+    net(torch.randn(1, 1, 32, 32, 32)).mean().backward()
+    assert net.checkpoint_plan.input_shape == (1, 1, 32, 32, 32) and net.checkpoint_plan.policy == "none"
+    assert net.checkpoint_groups() == []
+    net(torch.randn(2, 1, 32, 32, 32)).mean().backward()
+    assert net.checkpoint_plan is first
+    # eval and no_grad never plan
+    net.eval()
+    net(torch.randn(1, 1, 48, 48, 48))
+    assert len(net._checkpoint_plans) == 2
+    torch.jit.script(net)
+
+
+def test_budget_policy_spec_validation():
+    assert validate_policy({"budget_gb": 8}) == {"budget_gb": 8}
+    assert validate_policy({"budget_gb": 8.5, "optimizer": "sgd"}) == {"budget_gb": 8.5, "optimizer": "sgd"}
+    for bad, match in [({"budget_gb": -1}, "positive"), ({"budget_gb": True}, "positive"),
+                       ({"budget_gb": 8, "mode": "cheap"}, "takes only"), ({"budget_gb": 8, "optimizer": "x"}, "one of")]:
+        with pytest.raises(ValueError, match=match):
+            CheckpointUNet(**UNET, checkpoint_policy=bad)
+    with pytest.raises(ValueError, match="chosen by the planner"):
+        resolve_policy({"budget_gb": 8}, CheckpointUNet(**UNET).checkpoint_segments())
+
+
+def test_nothing_fits_is_a_clear_error_in_training():
+    net = CheckpointUNet(**UNET, checkpoint_policy={"budget_gb": 1e-4})
+    with pytest.raises(ValueError, match=r"smallest peak reachable is [\d.]+ MiB, with checkpoint_policy=") as err:
+        net(torch.randn(1, 1, 32, 32, 32))
+    reachable = float(str(err.value).split("reachable is ")[1].split(" MiB")[0]) * 2**20
+    plain = _measured(net, "none", (1, 1, 32, 32, 32), estimate=True)
+    assert 0.1 * 2**20 < reachable < plain  # checkpointing lowers the peak, just not to 0.1 MiB
+
+
+def test_capacity_search_finds_the_boundary():
+    net = CheckpointUNet(**UNET)
+    budget = 0.05
+    (row,) = planner.capacity_table(net, (budget,))
+    assert 32 <= row["plain"] < row["checkpointed"] and row["plain"] <= row["plain_amp"] <= row["checkpointed_amp"]
+    cube = lambda edge: (1, 1, edge, edge, edge)  # noqa: E731
+    assert _measured(net, "none", cube(row["plain"])) <= budget * GiB  # real tensors
+    assert _measured(net, "none", cube(row["plain"] + 8), estimate=True) > budget * GiB
+    policy = planner._least_memory_policy(net, cube(96), False, "adam")
+    assert _measured(net, policy, cube(row["checkpointed"]), estimate=True) <= budget * GiB
+    assert _measured(net, policy, cube(row["checkpointed"] + 8), estimate=True) > budget * GiB
+    batch = planner.max_batch_size(net, (32, 32, 32), budget, checkpointing=False)
+    assert _measured(net, "none", (batch, 1, 32, 32, 32)) <= budget * GiB
+    assert _measured(net, "none", (batch + 1, 1, 32, 32, 32), estimate=True) > budget * GiB
+    assert planner.format_capacity_table([row]).splitlines()[2] == (
+        f"| {budget} | {row['plain']}x{row['plain']}x{row['plain']} | " + "x".join([str(row["checkpointed"])] * 3)
+        + " | " + "x".join([str(row["plain_amp"])] * 3) + " | " + "x".join([str(row["checkpointed_amp"])] * 3) + " |")
+
+
+def test_cli(capsys, tmp_path, monkeypatch):
+    import monai_ckpt.plan
+    from monai_ckpt.plan import main
+
+    monkeypatch.setattr(monai_ckpt.plan, "network_factory", lambda *a: lambda: CheckpointUNet(**UNET))  # small
+    plain = _measured(CheckpointUNet(**UNET), "none", (2, 1, 32, 32, 32), estimate=True)
+    assert main(["--network", "unet", "--budget-gb", str(0.8 * plain / GiB), "--shape", "32", "32", "32", "--batch", "2",
+                 "--json", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint_policy = " in out and "largest batch of 32x32x32" in out
+    written = json.loads((tmp_path / "plan.json").read_text())
+    assert written["fits"] is True and written["policy"] != "none" and written["max_batch_size"] >= 2
+    assert main(["--network", "unet", "--budget-gb", "0.0001", "--shape", "32", "32", "32"]) == 2
+    assert "smallest peak reachable" in capsys.readouterr().err
+    assert main(["--network", "unet", "--table", "--budgets", "-1"]) == 2
+    assert "budget_gb must be a positive" in capsys.readouterr().err
