@@ -7,12 +7,14 @@
   augmentation (multiplicative bias field, gamma, contrast, noise). Reproducible: the same arguments give the
   same arrays and, on the same platform, the same bytes.
 - ``make_synthetic_dataset``: tiny nested-ellipsoid volumes in MSD layout, for tests and smoke runs.
+- ``make_multichannel_dataset``: the same as 4D multi-modal images (MSD Task01/Task05 layout), anisotropic
+  voxels, cases stored in several orientations.
 - ``check_datalist``: validates a datalist before anything is trained or written (missing or truncated files,
   image/label shape or affine mismatch, label values outside the classes, empty list); one error names every
   bad file.
-- ``AtomicNibabelWriter`` (a ``SaveImaged`` writer) and ``AtomicCheckpointSaver`` (MONAI's ``CheckpointSaver``,
-  whose own files are written in place) write to a temporary file and rename it, so an interrupted run never
-  leaves a half-written segmentation or model file.
+- ``AtomicNibabelWriter`` (a ``SaveImaged`` writer) writes to a temporary file and renames it
+  (``monai_ckpt.io.atomic_path``), so an interrupted run never leaves a half-written segmentation. (Model files:
+  ``monai_ckpt.handlers.AtomicCheckpointSaver``.)
 - ``save_overlay_png``: a few slices of images with their segmentations overlaid.
 
 Command line::
@@ -28,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,15 +39,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .io import atomic_path
+
 __all__ = [
     "BRAIN_TISSUE_LABELS",
-    "AtomicCheckpointSaver",
     "AtomicNibabelWriter",
     "DataCheckError",
     "atomic_path",
     "check_datalist",
     "load_checked_datalist",
     "make_brain_tissue_dataset",
+    "make_multichannel_dataset",
     "make_synthetic_dataset",
     "save_bundle_overlay",
     "save_overlay_png",
@@ -68,35 +71,6 @@ class DataCheckError(ValueError):
 # atomic writing
 
 
-class atomic_path:
-    """Context manager giving a temporary path next to ``path`` (same suffixes, so writers pick the same format);
-    on success the file is renamed onto ``path`` (atomic on POSIX), on error it is removed.
-
-    Args:
-        path: the final file path.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(self.path.suffixes[-2:]) if self.path.name.endswith(".nii.gz") else self.path.suffix
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".tmp{suffix}", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.tmp is not None
-        if exc_type is None:
-            os.chmod(self.tmp, 0o644)  # mkstemp makes it 0600
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
 def _atomic_save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
@@ -116,66 +90,6 @@ class AtomicNibabelWriter(NibabelWriter):  # type: ignore[misc,valid-type]
     def write(self, filename: str | os.PathLike, verbose: bool = False, **obj_kwargs: Any) -> None:
         with atomic_path(filename) as tmp:
             super().write(tmp, verbose=verbose, **obj_kwargs)
-
-
-def _atomic_disk_saver(dirname: str, filename: str | None):
-    from ignite.handlers import DiskSaver
-
-    class _AtomicDiskSaver(DiskSaver):
-        """ignite's ``DiskSaver`` in atomic mode (temporary file + ``os.replace``), with MONAI's fixed-filename
-        option. ignite's ``Checkpoint`` removes the file it replaces *before* saving the new one; here removal is
-        deferred until the new file is on disk, so there is never a moment without a model file."""
-
-        def __init__(self) -> None:
-            super().__init__(dirname=dirname, require_empty=False, atomic=True)
-            self.filename = filename
-            self._pending: list[str] = []
-
-        def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-            import ignite.distributed as idist
-
-            name = self.filename or filename
-            super().__call__(checkpoint, name, metadata)
-            if idist.get_rank() != self.save_on_rank:
-                self._pending.clear()  # only the rank that writes the files removes them
-                return
-            for old in self._pending:
-                if old != name:
-                    (Path(self.dirname) / old).unlink(missing_ok=True)
-            self._pending.clear()
-
-        def remove(self, filename: str) -> None:
-            self._pending.append(self.filename or filename)
-
-    return _AtomicDiskSaver()
-
-
-try:
-    from monai.handlers import CheckpointSaver
-except ImportError:  # pragma: no cover
-    CheckpointSaver = object  # type: ignore[misc,assignment]
-
-
-class AtomicCheckpointSaver(CheckpointSaver):  # type: ignore[misc,valid-type]
-    """MONAI's ``CheckpointSaver`` (same arguments) whose files are written atomically.
-
-    MONAI 1.6's ``CheckpointSaver`` uses ignite's ``DiskSaver(atomic=False)`` and lets ignite remove the previous
-    best/final file before writing the new one: an interrupt at the wrong moment leaves a truncated ``model.pt``
-    or none. Here every file goes to a temporary file in the same directory and is renamed onto its name, and the
-    file it replaces is removed only after that.
-    """
-
-    def __init__(self, save_dir: str, save_dict: dict, *args: Any, **kwargs: Any) -> None:
-        super().__init__(save_dir, save_dict, *args, **kwargs)
-        fixed = {
-            "_final_checkpoint": self._final_filename,
-            "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
-            "_interval_checkpoint": None,
-        }
-        for attr, filename in fixed.items():
-            ckpt = getattr(self, attr, None)
-            if ckpt is not None:
-                ckpt.save_handler = _atomic_disk_saver(self.save_dir, filename)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -536,6 +450,79 @@ def make_synthetic_dataset(
     labels = {str(k): ("background" if k == 0 else f"class {k}") for k in range(num_classes)}
     _write_dataset_json(output, "synthetic", "nested ellipsoids (monai_ckpt.data.make_synthetic_dataset)", labels,
                         "synthetic", training, test)
+    return output
+
+
+def make_multichannel_dataset(
+    output_dir: str | os.PathLike,
+    num_training: int = 3,
+    num_test: int = 1,
+    shape: Sequence[int] = (32, 32, 16),
+    modalities: Sequence[str] = ("T2", "ADC"),
+    num_classes: int = 3,
+    seed: int = 0,
+    spacing: Sequence[float] = (1.0, 1.0, 2.5),
+    orientations: Sequence[str] = ("RAS", "LPS"),
+    noise: float = 0.05,
+    labels: Mapping[str, str] | None = None,
+    name: str = "synthetic multi-channel",
+) -> Path:
+    """Tiny multi-modal volumes in the layout of the Medical Segmentation Decathlon's multi-modal tasks
+    (Task01_BrainTumour, Task05_Prostate): each image one 4D NIfTI ``(X, Y, Z, C)`` with the modalities as the
+    last axis, labels 3D, ``dataset.json`` with ``tensorImageSize: "4D"`` and one ``modality`` entry per channel.
+
+    The label holds nested random ellipsoids (value ``k`` inside value ``k - 1``); every channel gives each
+    class its own mean intensity (a per-channel random order of ``0 .. 1``), plus Gaussian noise. The voxels are
+    ``spacing`` mm (anisotropic by default), and case ``i`` is stored in orientation
+    ``orientations[i % len(orientations)]`` (image and label alike), so pipelines that reorient and resample
+    are exercised; test images (``imagesTs``) continue the same cycle.
+
+    Args:
+        output_dir: dataset folder to write.
+        num_training: labelled volumes.
+        num_test: unlabelled volumes.
+        shape: spatial size, in RAS voxel order before reorientation.
+        modalities: channel names, one channel each.
+        num_classes: label values ``0 .. num_classes - 1``.
+        seed: random seed.
+        spacing: voxel size in mm per RAS axis.
+        orientations: axis codes per case, cycled (``"RAS"``, ``"LPS"``, ``"PIR"``, ...).
+        noise: noise standard deviation, relative to the intensity range.
+        labels: the ``labels`` of ``dataset.json``; by default ``background``, ``class 1``, ...
+        name: the ``name`` of ``dataset.json``.
+    """
+    output = Path(output_dir)
+    rng = np.random.default_rng(seed)
+    channels = len(modalities)
+    means = np.stack([rng.permutation(np.linspace(0, 1, num_classes)) for _ in range(channels)], -1)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
+    for d in ("imagesTr", "labelsTr", "imagesTs"):
+        (output / d).mkdir(parents=True, exist_ok=True)
+    training, test = [], []
+    for i in range(num_training + num_test):
+        label = np.zeros(shape, np.uint8)
+        center = rng.uniform(-0.15, 0.15, 3)
+        for k in range(1, num_classes):
+            radii = rng.uniform(0.75, 0.9, 3) * (1 - (k - 1) / num_classes)
+            label[(((grid - center) / radii) ** 2).sum(-1) <= 1] = k
+        image = (means[label] + rng.normal(0, noise, (*shape, channels))).astype(np.float32)
+        affine = np.diag([*map(float, spacing), 1.0])
+        affine[:3, 3] = rng.uniform(-20, 20, 3).round(2)
+        ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                               nib.orientations.axcodes2ornt(tuple(orientations[i % len(orientations)])))
+        file = f"case_{i:03d}.nii.gz"
+        if i < num_training:
+            _atomic_save_nifti(_nifti(image, affine).as_reoriented(ornt), output / "imagesTr" / file)
+            _atomic_save_nifti(_nifti(label, affine).as_reoriented(ornt), output / "labelsTr" / file)
+            training.append({"image": f"./imagesTr/{file}", "label": f"./labelsTr/{file}"})
+        else:
+            _atomic_save_nifti(_nifti(image, affine).as_reoriented(ornt), output / "imagesTs" / file)
+            test.append(f"./imagesTs/{file}")
+    labels = dict(labels) if labels is not None else {
+        str(k): ("background" if k == 0 else f"class {k}") for k in range(num_classes)}
+    _write_dataset_json(output, name, "nested ellipsoids, one 4D NIfTI per case with the modalities as channels "
+                        "(monai_ckpt.data.make_multichannel_dataset)", labels, "", training, test,
+                        {"tensorImageSize": "4D", "modality": {str(c): m for c, m in enumerate(modalities)}})
     return output
 
 

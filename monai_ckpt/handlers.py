@@ -8,6 +8,9 @@
   the active policy, per iteration and per epoch, to the logger, TensorBoard and ``engine.state``.
 - `ResumableCheckpoint`: crash-safe training checkpoints (atomic, fsynced writes; every N iterations and at
   each epoch end; last k kept) that a restarted run resumes from, mid-epoch included.
+- `AtomicCheckpointSaver`: MONAI's ``CheckpointSaver`` (best/final model files) with atomic, fsynced writes.
+
+All files are written through `monai_ckpt.io.atomic_path` (temporary file, fsync, rename, fsync of the folder).
 
 Bundle wiring (``configs/train.json``)::
 
@@ -51,10 +54,12 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from .policies import PolicySpec, validate_policy
+from .io import atomic_path, remove_temporaries
+from .policies import PolicySpec, is_budget_policy, validate_policy
 
 __all__ = [
     "DEFAULT_OOM_LADDER",
+    "AtomicCheckpointSaver",
     "MemoryEfficientUpdate",
     "MemoryStatsHandler",
     "ResumableCheckpoint",
@@ -421,12 +426,24 @@ def estimate_activation_saving(network: nn.Module, input_shape: Sequence[int], p
     exact accounting of every tensor, no memory allocated, the network itself untouched, RNG preserved).
     The loss is ``mean(out**2)``; optimizer state is not included (it is the same for every policy).
 
+    A ``{"budget_gb": X}`` policy is measured as the policy its plan chose (``network.checkpoint_plan``, made on
+    the network's last training forward): planning inside the fake copy would nest fake modes.
+
     Returns:
         (peak bytes with policy "none", peak bytes with ``policy``).
+
+    Raises:
+        ValueError: for a budget policy when the network has no plan yet (no training forward so far).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    if is_budget_policy(policy):
+        plan = getattr(network, "checkpoint_plan", None)
+        if plan is None:
+            raise ValueError(f"checkpoint_policy {policy!r} has no plan yet: the network plans on its first training "
+                             "forward; estimate after it, or pass the planned policy.")
+        policy = plan.policy
     device = next(network.parameters()).device
     peaks = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -524,7 +541,7 @@ class MemoryStatsHandler:
         self.tag_prefix = tag_prefix
         self._name = name
         self.logger = logging.getLogger(name)
-        self._cache: dict[str, tuple[int, int]] = {}
+        self._cache: dict[str, tuple[int, int] | None] = {}
         self._t0 = 0.0
         self._voxels = 0
         self._shape: tuple[int, ...] | None = None
@@ -568,7 +585,13 @@ class MemoryStatsHandler:
             dtype = torch.float16
         key = json.dumps([self._shape, holder.checkpoint_policy, str(dtype)], default=str, sort_keys=True)
         if key not in self._cache:
-            self._cache[key] = estimate_activation_saving(holder, self._shape, holder.checkpoint_policy, dtype)
+            try:
+                self._cache[key] = estimate_activation_saving(holder, self._shape, holder.checkpoint_policy, dtype)
+            except Exception as e:  # a statistic must not stop training: report it once per key and go on
+                self.logger.warning(f"MemoryStatsHandler: cannot estimate the activation saving of "
+                                    f"{type(holder).__name__} for input {self._shape} ({type(e).__name__}: {e}); "
+                                    "activation_saved_mib is left out")
+                self._cache[key] = None
         return self._cache[key]
 
     def iteration_completed(self, engine: Engine) -> None:
@@ -677,7 +700,7 @@ class ResumableCheckpoint:
     ``CheckpointLoader``); the newest ``n_saved`` are kept. Each file is written to a hidden temporary file
     in the same folder, flushed and fsynced, then renamed over the final name (``os.replace``, atomic on
     POSIX and Windows) and the folder is fsynced, so a file with a checkpoint's name is always complete, even
-    after ``kill -9`` or a power cut. (ignite's ``DiskSaver(atomic=True)`` also renames a temporary file, but
+    after ``kill -9`` or a power cut (`monai_ckpt.io.atomic_path`). (ignite's ``DiskSaver(atomic=True)`` also renames a temporary file, but
     does not fsync, and a kill during a write leaves its ``tmpXXXX`` file behind; temporaries here are removed
     at the next start.)
 
@@ -747,7 +770,6 @@ class ResumableCheckpoint:
         self._name = name
         self.logger = logging.getLogger(name)
         self._pattern = re.compile(rf"{re.escape(file_prefix)}_(\d+)\.pt")
-        self._tmp_pattern = re.compile(rf"\.{re.escape(file_prefix)}_\d+\.pt\.\d+\.tmp")
         self._last_saved = -1
         self._due = False
         self.last_checkpoint: str | None = None
@@ -785,11 +807,8 @@ class ResumableCheckpoint:
         return objects
 
     def started(self, engine: Engine) -> None:
-        if self._rank() == 0 and os.path.isdir(self.save_dir):
-            for f in os.listdir(self.save_dir):
-                if self._tmp_pattern.fullmatch(f):
-                    with contextlib.suppress(OSError):
-                        os.remove(os.path.join(self.save_dir, f))
+        if self._rank() == 0:
+            remove_temporaries(self.save_dir, self._pattern)  # left by a run killed while writing
         self._last_saved = engine.state.iteration
         if self.resume:
             self._load_latest(engine)
@@ -852,22 +871,10 @@ class ResumableCheckpoint:
         self._last_saved = engine.state.iteration
         if self._rank() != 0:
             return None
-        os.makedirs(self.save_dir, exist_ok=True)
         checkpoint = {k: obj.state_dict() for k, obj in self._objects(engine).items()}
-        filename = f"{self.file_prefix}_{engine.state.iteration}.pt"
-        path = os.path.join(self.save_dir, filename)
-        tmp = os.path.join(self.save_dir, f".{filename}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-        _fsync_dir(self.save_dir)
+        path = os.path.join(self.save_dir, f"{self.file_prefix}_{engine.state.iteration}.pt")
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
         self.last_checkpoint = path
         if self.n_saved is not None:
             for _, old in self.checkpoints()[: -self.n_saved]:
@@ -876,11 +883,70 @@ class ResumableCheckpoint:
         return path
 
 
-def _fsync_dir(path: str) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+
+try:
+    from monai.handlers import CheckpointSaver
+except ImportError:  # pragma: no cover
+    CheckpointSaver = object  # type: ignore[misc,assignment]
+
+
+def _atomic_disk_saver(dirname: str, filename: str | None):
+    from ignite.handlers import DiskSaver
+
+    class _AtomicDiskSaver(DiskSaver):
+        """ignite's ``DiskSaver`` writing through `atomic_path` (temporary file, fsync, rename, fsync of the
+        folder), with MONAI's fixed-filename option. ignite's ``Checkpoint`` removes the file it replaces
+        *before* saving the new one; here removal is deferred until the new file is on disk, so there is never
+        a moment without a model file."""
+
+        def __init__(self) -> None:
+            super().__init__(dirname=dirname, require_empty=False, atomic=True)
+            self.filename = filename
+            self._pending: list[str] = []
+
+        def _save_func(self, checkpoint: Any, path: Any, func: Callable) -> None:
+            with atomic_path(path) as tmp:
+                func(checkpoint, tmp, **self.kwargs)
+
+        def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+            import ignite.distributed as idist
+
+            name = self.filename or filename
+            super().__call__(checkpoint, name, metadata)
+            if idist.get_rank() != self.save_on_rank:
+                self._pending.clear()  # only the rank that writes the files removes them
+                return
+            for old in self._pending:
+                if old != name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(self.dirname, old))
+            self._pending.clear()
+
+        def remove(self, filename: str) -> None:
+            self._pending.append(self.filename or filename)
+
+    return _AtomicDiskSaver()
+
+
+class AtomicCheckpointSaver(CheckpointSaver):  # type: ignore[misc,valid-type]
+    """MONAI's ``CheckpointSaver`` (same arguments) whose files are written atomically.
+
+    MONAI 1.6's ``CheckpointSaver`` uses ignite's ``DiskSaver(atomic=False)`` and lets ignite remove the previous
+    best/final file before writing the new one: an interrupt at the wrong moment leaves a truncated ``model.pt``
+    or none. Here every file is written through `monai_ckpt.io.atomic_path` (temporary file in the same folder,
+    fsync, rename onto its name, fsync of the folder), and the file it replaces is removed only after that.
+
+    Bundle use: ``{"_target_": "monai_ckpt.handlers.AtomicCheckpointSaver", "save_dir": "@ckpt_dir", ...}``.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, *args: Any, **kwargs: Any) -> None:
+        super().__init__(save_dir, save_dict, *args, **kwargs)
+        fixed = {
+            "_final_checkpoint": self._final_filename,
+            "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
+            "_interval_checkpoint": None,
+        }
+        for attr, filename in fixed.items():
+            ckpt = getattr(self, attr, None)
+            if ckpt is not None:
+                ckpt.save_handler = _atomic_disk_saver(self.save_dir, filename)

@@ -27,8 +27,8 @@ from monai.bundle import run as bundle_run
 from monai.networks.nets import UNet
 
 from monai_ckpt import CheckpointUNet
+from monai_ckpt.handlers import AtomicCheckpointSaver
 from monai_ckpt.data import (
-    AtomicCheckpointSaver,
     AtomicNibabelWriter,
     DataCheckError,
     check_datalist,
@@ -61,7 +61,7 @@ def _overrides(root: Path, data: Path, **extra) -> dict:
 def _cli(overrides: dict) -> list[str]:
     out = []
     for k, v in overrides.items():
-        out += [f"--{k}", json.dumps(v) if isinstance(v, (list, bool)) else str(v)]
+        out += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]  # fire: "False" is a bool, "false" a str
     return out
 
 
@@ -423,3 +423,74 @@ def test_embedded_dataset_is_what_the_generator_makes(tmp_path):
         assert np.mean(a != b) < 1e-3 and np.abs(a - b).max() <= 1  # float rounding across CPUs at most
     labels = np.asarray(nib.load(data / "labelsTr" / "brain_000.nii.gz").dataobj)
     assert set(np.unique(labels).tolist()) == {0, 1, 2, 3}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# crash-safe training: kill -9 mid-epoch, rerun the same command, it resumes
+
+
+BUDGET = {"budget_gb": 0.0019}  # the tiny UNet needs 2.2 MiB at 2x16^3 without checkpointing: the plan must checkpoint
+# test hook, in an extra config file given to both runs: a fresh run stops before iteration 7 until it is killed
+PAUSE = {"test_pause_imports": "$import time", "run": [
+    "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED(once=7), lambda e, "
+    "resumer=@train#handlers#0 : resumer.resumed_from is None and (print('PAUSED', e.state.iteration, flush=True), "
+    "time.sleep(600)))",
+    "$@train#trainer.run()",
+]}
+
+
+def test_brain_train_killed_mid_epoch_resumes_on_rerun(tmp_path):
+    """kill -9 while training (after the checkpoint of iteration 6, mid-epoch 2 of 4 iterations each), rerun the
+    same command: it resumes from iteration 6, trains 7 and 8 only, and leaves only complete files. Also runs the
+    budget policy (a plan is made for the patch shape) and gradient accumulation from the command line."""
+    data = make_synthetic_dataset(tmp_path / "data", num_training=6, num_test=1, shape=(24, 24, 24), num_classes=4,
+                                  seed=3)
+    root = tmp_path / "run"
+    pause = tmp_path / "pause.json"
+    pause.write_text(json.dumps(PAUSE))
+    overrides = _overrides(root, data, max_epochs=2, val_interval=100, num_val=2, resume_interval=2,
+                           gradient_accumulation_steps=2, **TINY_UNET4)  # 4 iterations per epoch, windows of 2
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(_cfg(BRAIN, "train") + [str(pause)]),
+           *_cli(overrides), "--checkpoint_policy", str(BUDGET)]
+    resume_dir = root / "models" / "resume"
+
+    with open(tmp_path / "first.err", "w") as err:
+        first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=_env())
+        try:
+            lines = []
+            for line in first.stdout:
+                lines.append(line)
+                if line.startswith("PAUSED"):
+                    break
+            assert lines and lines[-1].split() == ["PAUSED", "7"], "".join(lines)[-3000:] + (tmp_path / "first.err").read_text()[-3000:]
+            assert (resume_dir / "checkpoint_6.pt").is_file()
+        finally:
+            first.kill()  # SIGKILL
+            first.wait(timeout=30)
+    assert first.returncode == -9
+    assert sorted(p.name for p in resume_dir.iterdir()) == ["checkpoint_4.pt", "checkpoint_6.pt"]
+    first_log = "".join(lines)
+    assert "resumed from" not in first_log
+    assert f"checkpoint_policy {BUDGET!r} for input (2, 1, 16, 16, 16)" in first_log  # the planner ran
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, check=False)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-4000:]
+    assert re.search(r"resumed from \S*checkpoint_6\.pt: iteration 6, epoch 1 \(\+2 batches", log), log[-3000:]
+    plan = re.search(rf"checkpoint_policy {re.escape(repr(BUDGET))} for input \(2, 1, 16, 16, 16\): (.*)", log)
+    assert plan and "checkpoint_policy = 'none'" not in plan.group(1), log[-3000:]  # something is checkpointed
+    assert re.search(r"Memory epoch 2: .*peak", log), log[-3000:]  # MemoryStatsHandler, epoch 2 only
+    assert not re.search(r"Memory epoch 1:", log)
+
+    assert sorted(p.name for p in resume_dir.iterdir()) == ["checkpoint_6.pt", "checkpoint_8.pt"]
+    final = torch.load(resume_dir / "checkpoint_8.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 8 == 2 * final["trainer"]["epoch_length"]  # an uninterrupted run's
+    assert final["lr_scheduler"]["last_epoch"] == 2  # one scheduler step per epoch, none repeated
+    assert set(final) == {"network", "optimizer", "lr_scheduler", "trainer"}
+    UNet(3, 1, 4, (4, 8, 16, 32), (2, 2, 2), num_res_units=2, norm="instance").load_state_dict(final["network"])
+    assert (root / "models" / "checkpoint_final.pt").stat().st_size > 0
+    for folder in (root / "models", resume_dir):  # no temporary or truncated file
+        for p in folder.iterdir():
+            assert not p.name.startswith(".") and "tmp" not in p.name, p
+            if p.is_file():
+                torch.load(p, weights_only=True)

@@ -223,7 +223,7 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, capsys)
     names = sorted(os.listdir(tmp_path / "ckpt"))
     assert names == ["checkpoint_4.pt", "checkpoint_6.pt"]  # every 2 iterations + epoch end, newest 2 kept
     # what a crash can also leave: a temporary file of a write in progress and a damaged newer checkpoint
-    (tmp_path / "ckpt" / ".checkpoint_8.pt.99999.tmp").write_bytes(b"partial")
+    (tmp_path / "ckpt" / ".checkpoint_8.pt.k3j_9x2a.tmp.pt").write_bytes(b"partial")  # atomic_path's name
     (tmp_path / "ckpt" / "checkpoint_7.pt").write_bytes(b"not a checkpoint")
 
     resumed = _script(tmp_path / "ckpt", tmp_path / "resumed.pt")

@@ -23,5 +23,5 @@ def test_notebook_runs_in_quick_mode(path, monkeypatch, tmp_path):
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
     assert not errors
-    if path.stem.startswith(("02", "03", "05")):  # the trade-off / memory / capacity figures are drawn inline
+    if path.stem.startswith(("02", "03", "04", "05")):  # the trade-off / memory / capacity / Dice + overlay figures are drawn inline
         assert any("image/png" in o.get("data", {}) for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
