@@ -35,7 +35,6 @@ This module is the only one of the library that knows ignite and MONAI's engines
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -56,6 +55,7 @@ from torch import nn
 
 from .io import atomic_path, remove_temporaries
 from .policies import PolicySpec, is_budget_policy, validate_policy
+from .profiling import replica
 
 __all__ = [
     "DEFAULT_OOM_LADDER",
@@ -449,8 +449,7 @@ def estimate_activation_saving(network: nn.Module, input_shape: Sequence[int], p
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for spec in ("none", policy):
             with FakeTensorMode(allow_non_fake_inputs=True):
-                fake = copy.deepcopy(network).train()
-                fake.checkpoint_policy = spec
+                fake = replica(network, spec).train()
                 x = torch.empty(*input_shape, device=device)
                 tracker = MemTracker()
                 with tracker:

@@ -20,7 +20,6 @@ Sizes are in GiB (2**30 bytes), as GPU memory is counted.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math
@@ -34,6 +33,7 @@ from torch import nn
 
 from .policies import PolicySpec, resolve_policy
 from .profiling import BlockCost, block_costs, make_optimizer, measure_step_memory, training_step
+from .profiling import replica as _replica
 
 __all__ = ["FIXED_POLICIES", "Plan", "capacity_table", "max_batch_size", "max_patch_edge", "plan"]
 
@@ -105,24 +105,6 @@ class _Profile:
     fixed_bytes: int  # parameters, optimizer state and the batch
     full_s: list[float]  # recompute time of each block in a full checkpoint, as a fraction of a plain step
     cheap_s: list[float]  # the same in a cheap checkpoint
-
-
-def _replica(network: nn.Module, policy: PolicySpec) -> nn.Module:
-    """A copy of ``network`` with ``policy``: fake tensors when a FakeTensorMode is active, else CPU copies.
-    The network's own tensors are never copied on their device."""
-    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    mode = _get_current_dispatch_mode()
-    fake = isinstance(mode, FakeTensorMode)
-    with unset_fake_temporarily():
-        memo: dict[int, torch.Tensor] = {}
-        for t in itertools.chain(network.parameters(), network.buffers()):
-            c = mode.from_tensor(t) if fake else t.detach().to("cpu", copy=True)
-            memo[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
-        model = copy.deepcopy(network, memo)
-    model.checkpoint_policy = policy
-    return model
 
 
 def _items(network: nn.Module, costs: list[BlockCost]) -> list[tuple[int, int | None, int, bool]]:
@@ -635,7 +617,8 @@ def capacity_table(
     max_edge: int = 1024,
 ) -> list[dict]:
     """For each budget, the largest cubic patch edge without and with checkpointing, each without and with
-    AMP: rows ``{"budget_gb", "plain", "checkpointed", "plain_amp", "checkpointed_amp"}`` (0: nothing fits)."""
+    AMP: rows ``{"budget_gb", "plain", "checkpointed", "plain_amp", "checkpointed_amp", "max_edge"}`` (0: nothing
+    fits; ``max_edge``: the largest edge searched)."""
     for budget in budgets_gb:
         _budget_bytes(budget)
     edges = _edges(network, max_edge)
@@ -649,17 +632,18 @@ def capacity_table(
                                                    amp, optimizer)
     return [
         {"budget_gb": budget, **{name + ("_amp" if amp else ""): capacity.largest(edges, shape_of, int(budget * GiB))
-                                 for (name, amp), capacity in columns.items()}}
+                                 for (name, amp), capacity in columns.items()}, "max_edge": edges[-1]}
         for budget in budgets_gb
     ]
 
 
 def format_capacity_table(rows: Sequence[dict], dims: int = 3) -> str:
     """A markdown table of `capacity_table` rows: the largest patch per budget."""
-    def cell(edge: int) -> str:
-        return "-" if not edge else "x".join([str(edge)] * dims)
+    def cell(edge: int, row: dict) -> str:
+        text = "-" if not edge else "x".join([str(edge)] * dims)
+        return f">= {text}" if edge and edge == row.get("max_edge") else text  # the search's upper end
 
     lines = ["| budget (GiB) | no checkpointing | checkpointing | AMP | checkpointing + AMP |", "|---|---|---|---|---|"]
-    lines += [f"| {r['budget_gb']} | {cell(r['plain'])} | {cell(r['checkpointed'])} | {cell(r['plain_amp'])} "
-              f"| {cell(r['checkpointed_amp'])} |" for r in rows]
+    lines += [f"| {r['budget_gb']} | " + " | ".join(cell(r[k], r) for k in ("plain", "checkpointed", "plain_amp",
+                                                                            "checkpointed_amp")) + " |" for r in rows]
     return "\n".join(lines)

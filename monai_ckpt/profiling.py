@@ -17,10 +17,13 @@ measured on the second step so that optimizer state exists, as in steady-state t
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -36,6 +39,7 @@ __all__ = [
     "make_optimizer",
     "measure_step_memory",
     "memory_timeline",
+    "replica",
     "step_time_ratios",
     "training_step",
 ]
@@ -124,6 +128,32 @@ def _steady_state(factory, input_shape, estimate, device, optimizer, amp):  # no
             model.zero_grad(set_to_none=True)
         x = torch.randn(*input_shape, device=device)
         yield model, opt, x
+
+
+def replica(network: nn.Module, policy: Any = None) -> nn.Module:
+    """A copy of ``network`` to measure, with ``policy`` when given: its tensors are fakes of the network's when
+    a ``FakeTensorMode`` is active (nothing allocated), else CPU copies; the network's own tensors are never
+    copied on their device. Tensors a module keeps outside its parameters and buffers (DynUNet's last
+    deep-supervision heads, which a forward overwrites) are converted the same way, detached."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    mode = _get_current_dispatch_mode()
+    fake = isinstance(mode, FakeTensorMode)
+    with unset_fake_temporarily():
+        memo: dict[int, Any] = {}
+        for t in itertools.chain(network.parameters(), network.buffers()):
+            c = mode.from_tensor(t) if fake else t.detach().to("cpu", copy=True)
+            memo[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+        for m in network.modules():
+            for value in vars(m).values():
+                for t in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(t, torch.Tensor) and id(t) not in memo:
+                        memo[id(t)] = mode.from_tensor(t.detach()) if fake else t.detach().to("cpu", copy=True)
+        model = copy.deepcopy(network, memo)
+    if policy is not None:
+        model.checkpoint_policy = policy
+    return model
 
 
 def measure_step_memory(

@@ -27,7 +27,7 @@ from monai_ckpt.handlers import (
     ResumableCheckpoint,
     estimate_activation_saving,
 )
-from monai_ckpt.profiling import measure_step_memory
+from monai_ckpt.profiling import measure_step_memory, replica
 
 TESTS = Path(__file__).resolve().parent
 
@@ -326,6 +326,23 @@ def test_memory_stats_handler_from_a_bundle_config():
     assert [(text, s) for _, text, s in writer.texts] == [('"all"', 1), ('"none"', 3)]
     assert set(trainer.state.metrics) >= {"peak_memory_mib", "activation_saved_mib", "voxels_per_s"}
     assert ("memory/epoch_voxels_per_s", trainer.state.metrics["voxels_per_s"], 1) in writer.scalars
+
+
+def test_activation_saving_of_networks_that_keep_tensors_and_of_vnet():
+    """The estimate copies the network: a DynUNet keeps its last deep-supervision outputs (non-leaf tensors) in
+    ``heads``, which a plain deepcopy refuses; VNet's transitions once failed to copy under FakeTensorMode."""
+    from monai_ckpt import CheckpointDynUNet, CheckpointVNet
+
+    dyn = CheckpointDynUNet(3, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], filters=(4, 8, 16), deep_supervision=True,
+                            deep_supr_num=1, checkpoint_policy="all")
+    dyn(torch.randn(1, 1, 16, 16, 16)).mean().backward()
+    assert dyn.heads[0].grad_fn is not None
+    vnet = CheckpointVNet(3, 1, 2, checkpoint_policy="all")
+    for net, shape in ((dyn, (1, 1, 16, 16, 16)), (vnet, (1, 1, 32, 32, 32))):
+        none, with_all = estimate_activation_saving(net, shape, "all")
+        reference = [measure_step_memory(lambda p=p: replica(net, p), shape, estimate=True, optimizer="none").peak
+                     for p in ("none", "all")]
+        assert (none, with_all) == pytest.approx(reference, rel=0.05) and with_all < none
 
 
 # ---------------------------------------------------------------- clear errors

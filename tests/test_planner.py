@@ -156,6 +156,16 @@ def test_budget_policy_plans_per_shape_and_trains_like_the_parent():
     torch.jit.script(net)
 
 
+def test_budget_policy_replans_a_deep_supervision_dynunet_after_training_forwards():
+    """Each new shape is planned on a copy of the network, which by then keeps its last heads (non-leaf tensors)."""
+    net = CheckpointDynUNet(**DYNUNET, checkpoint_policy={"budget_gb": 1.0})
+    for shape in ((1, 2, 32, 32, 32), (1, 2, 32, 48, 32)):
+        out = net(torch.randn(shape))
+        out.mean().backward()
+        assert net.heads[0].grad_fn is not None and net.checkpoint_plan.input_shape == shape
+    assert len(net._checkpoint_plans) == 2
+
+
 def test_budget_policy_spec_validation():
     assert validate_policy({"budget_gb": 8}) == {"budget_gb": 8}
     assert validate_policy({"budget_gb": 8.5, "optimizer": "sgd"}) == {"budget_gb": 8.5, "optimizer": "sgd"}
