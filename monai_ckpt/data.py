@@ -391,6 +391,23 @@ def _nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return img
 
 
+def _ellipsoid_grid(shape: Sequence[int], output: Path) -> np.ndarray:
+    """Coordinates in [-1, 1] of every voxel of ``shape``; also creates the MSD folders under ``output``."""
+    for d in ("imagesTr", "labelsTr", "imagesTs"):
+        (output / d).mkdir(parents=True, exist_ok=True)
+    return np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
+
+
+def _nested_ellipsoids(grid: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """A label volume of random nested ellipsoids: class ``k`` inside class ``k - 1``."""
+    label = np.zeros(grid.shape[:-1], np.uint8)
+    center = rng.uniform(-0.15, 0.15, 3)
+    for k in range(1, num_classes):
+        radii = rng.uniform(0.75, 0.9, 3) * (1 - (k - 1) / num_classes)
+        label[(((grid - center) / radii) ** 2).sum(-1) <= 1] = k
+    return label
+
+
 def make_synthetic_dataset(
     output_dir: str | os.PathLike,
     num_training: int = 3,
@@ -422,16 +439,10 @@ def make_synthetic_dataset(
     output = Path(output_dir)
     rng = np.random.default_rng(seed)
     means = np.asarray(intensities if intensities is not None else np.linspace(0, 1, num_classes), dtype=np.float32)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
-    for d in ("imagesTr", "labelsTr", "imagesTs"):
-        (output / d).mkdir(parents=True, exist_ok=True)
+    grid = _ellipsoid_grid(shape, output)
     training, test = [], []
     for i in range(num_training + num_test):
-        label = np.zeros(shape, np.uint8)
-        center = rng.uniform(-0.15, 0.15, 3)
-        for k in range(1, num_classes):
-            radii = rng.uniform(0.75, 0.9, 3) * (1 - (k - 1) / num_classes)
-            label[(((grid - center) / radii) ** 2).sum(-1) <= 1] = k
+        label = _nested_ellipsoids(grid, num_classes, rng)
         span = float(means.max() - means.min()) or 1.0
         image = (means[label] + rng.normal(0, noise * span, shape)).astype(np.float32)
         affine = np.diag([spacing, spacing, spacing, 1.0])
@@ -495,16 +506,10 @@ def make_multichannel_dataset(
     rng = np.random.default_rng(seed)
     channels = len(modalities)
     means = np.stack([rng.permutation(np.linspace(0, 1, num_classes)) for _ in range(channels)], -1)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
-    for d in ("imagesTr", "labelsTr", "imagesTs"):
-        (output / d).mkdir(parents=True, exist_ok=True)
+    grid = _ellipsoid_grid(shape, output)
     training, test = [], []
     for i in range(num_training + num_test):
-        label = np.zeros(shape, np.uint8)
-        center = rng.uniform(-0.15, 0.15, 3)
-        for k in range(1, num_classes):
-            radii = rng.uniform(0.75, 0.9, 3) * (1 - (k - 1) / num_classes)
-            label[(((grid - center) / radii) ** 2).sum(-1) <= 1] = k
+        label = _nested_ellipsoids(grid, num_classes, rng)
         image = (means[label] + rng.normal(0, noise, (*shape, channels))).astype(np.float32)
         affine = np.diag([*map(float, spacing), 1.0])
         affine[:3, 3] = rng.uniform(-20, 20, 3).round(2)

@@ -217,17 +217,24 @@ def test_spleen_inferer_stitches_on_cpu():
 
 
 def test_multi_gpu_train_two_cpu_processes(tmp_path, brain_data):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     overrides = _overrides(tmp_path, brain_data, max_epochs=1, val_interval=1, num_val=2, **TINY_UNET4)  # 1 per rank
+    state = _torchrun_train(BRAIN, overrides, tmp_path)
+    UNet(3, 1, 4, (4, 8, 16, 32), (2, 2, 2), num_res_units=2).load_state_dict(state)
+
+
+def _torchrun_train(bundle: Path, overrides: dict, tmp_path: Path) -> dict:
+    """Train ``bundle`` with train.json + multi_gpu_train.json under torchrun, 2 CPU processes (gloo); check the
+    validation Dice is logged and return the saved weights, which must be free of DDP's ``module.`` prefix."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file",
-           json.dumps(_cfg(BRAIN, "train", "multi_gpu_train")), *_cli(overrides)]
+           json.dumps(_cfg(bundle, "train", "multi_gpu_train")), *_cli(overrides)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, check=False)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert re.search(r"val_mean_dice: [0-9.]+", log), log[-3000:]
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # saved unwrapped from DistributedDataParallel
-    UNet(3, 1, 4, (4, 8, 16, 32), (2, 2, 2), num_res_units=2).load_state_dict(state)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -24,7 +20,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 from monai.networks.nets import DynUNet, VNet
-from test_bundles import SCHEMA, _cfg, _cli, _env, _run_in_process
+from test_bundles import SCHEMA, _cfg, _run_in_process, _torchrun_train
 
 from monai_ckpt import CheckpointDynUNet, CheckpointVNet
 from monai_ckpt.data import load_checked_datalist, make_multichannel_dataset
@@ -208,19 +204,10 @@ def test_tumor_verify_export_parity(tumor_trained):
 
 
 def test_tumor_multi_gpu_train_two_cpu_processes(tmp_path, tumor_data):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     # 3 cases: 1 trains per rank (DistributedSampler pads), 2 validate (1 per rank)
     overrides = _overrides(tmp_path, tumor_data, max_epochs=1, val_interval=1, num_val=2, batch_size=1,
                            **TINY_DYNUNET)
-    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file",
-           json.dumps(_cfg(TUMOR, "train", "multi_gpu_train")), *_cli(overrides)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, check=False)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert re.search(r"val_mean_dice: [0-9.]+", log), log[-3000:]
-    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    assert not any(k.startswith("module.") for k in state)  # saved unwrapped from DistributedDataParallel
-    DynUNet(**TINY_DYNUNET_KWARGS).load_state_dict(state)
+    DynUNet(**TINY_DYNUNET_KWARGS).load_state_dict(_torchrun_train(TUMOR, overrides, tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
