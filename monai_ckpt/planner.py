@@ -26,7 +26,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -73,14 +73,12 @@ class Plan:
     input_shape: tuple[int, ...]
     amp: bool = False
     optimizer: str = "adam"
-    candidates: dict[str, tuple[int, float]] = field(default_factory=dict, repr=False)
 
     def __str__(self) -> str:
-        gib = _size
         return "\n".join([
-            f"input {self.input_shape}, budget {gib(self.budget_bytes)}, amp={self.amp}, optimizer={self.optimizer}",
-            f"without checkpointing: peak {gib(self.plain_peak_bytes)}",
-            f"plan: peak {gib(self.predicted_peak_bytes)} ({'fits' if self.fits else 'does NOT fit'}), "
+            f"input {self.input_shape}, budget {_size(self.budget_bytes)}, amp={self.amp}, optimizer={self.optimizer}",
+            f"without checkpointing: peak {_size(self.plain_peak_bytes)}",
+            f"plan: peak {_size(self.predicted_peak_bytes)} ({'fits' if self.fits else 'does NOT fit'}), "
             f"step time x{self.predicted_time_ratio:.2f}",
             f"checkpointed: {', '.join(self.checkpointed) or 'nothing'}",
             f"checkpoint_policy = {self.policy!r}",
@@ -586,7 +584,7 @@ def max_patch_edge(
     budget = _budget_bytes(budget_gb)
     edges = _edges(network, max_edge)
     dims = len(network.size_multiple())
-    shape_of = lambda e: _input_shape(network, (e,) * dims, batch_size)  # noqa: E731
+    shape_of = lambda e: _input_shape(network, (e,) * dims, batch_size)
     policy = _least_memory_policy(network, shape_of(_reference_edge(edges)), amp, optimizer) if checkpointing else "none"
     return _Capacity(network, policy, amp, optimizer).largest(edges, shape_of, budget)
 
@@ -603,7 +601,7 @@ def max_batch_size(
 ) -> int:
     """The largest batch of ``spatial_shape`` patches whose training step fits ``budget_gb`` (0 if none)."""
     budget = _budget_bytes(budget_gb)
-    shape_of = lambda b: _input_shape(network, spatial_shape, b)  # noqa: E731
+    shape_of = lambda b: _input_shape(network, spatial_shape, b)
     policy = _least_memory_policy(network, shape_of(1), amp, optimizer) if checkpointing else "none"
     return _Capacity(network, policy, amp, optimizer).largest(list(range(1, max_batch + 1)), shape_of, budget)
 
@@ -623,7 +621,7 @@ def capacity_table(
         _budget_bytes(budget)
     edges = _edges(network, max_edge)
     dims = len(network.size_multiple())
-    shape_of = lambda e: _input_shape(network, (e,) * dims, batch_size)  # noqa: E731
+    shape_of = lambda e: _input_shape(network, (e,) * dims, batch_size)
     reference = shape_of(_reference_edge(edges))
     columns = {}
     for amp in (False, True):
