@@ -98,7 +98,7 @@ def _same_policy(a: Any, b: Any) -> bool:
 def _canonical(spec: Any) -> Any:
     try:
         return validate_policy(spec)
-    except ValueError:  # e.g. a budget dict before the planner extends validate_policy
+    except ValueError:  # a policy the ladder does not know: compared as given
         return spec
 
 
@@ -164,10 +164,8 @@ class MemoryEfficientUpdate:
 
     Ladder rules: the entry after the network's current policy is tried next; if the current policy is not
     on the ladder, the ladder's entries other than ``"none"`` are tried from the start. A current policy
-    ``{"budget_gb": X, ...}`` is retried with ``budget_gb`` multiplied by ``budget_factor`` instead, and
-    budget dicts may appear on the ladder: both need the planner (``monai_ckpt.planner``), whose budget specs
-    `validate_policy` accepts once it is installed; until then a budget dict on the ladder is a ValueError
-    here. At most ``max_oom_retries`` retries per iteration (default: the ladder's length). Recovery is per
+    ``{"budget_gb": X, ...}`` is retried with ``budget_gb`` multiplied by ``budget_factor`` instead (the network
+    then plans again for the smaller budget, `monai_ckpt.planner`), and budget dicts may appear on the ladder. At most ``max_oom_retries`` retries per iteration (default: the ladder's length). Recovery is per
     process: under DDP an error on one rank is not coordinated with the others.
 
     Args:

@@ -376,6 +376,15 @@ def test_amp_dtype_unsupported_on_the_device_or_without_amp():
         MemoryEfficientUpdate().autocast_dtype(engine)
 
 
+def test_oom_ladder_with_budget_policies():
+    update = MemoryEfficientUpdate(oom_ladder=("none", {"budget_gb": 4}, "all"), budget_factor=0.5)
+    assert update._next_policy({"budget_gb": 8, "optimizer": "sgd"}, []) == {"budget_gb": 4, "optimizer": "sgd"}
+    assert update._next_policy("none", ["none"]) == {"budget_gb": 4}
+    assert update._next_policy("cheap", []) == {"budget_gb": 4}
+    with pytest.raises(ValueError, match="budget_gb"):
+        MemoryEfficientUpdate(oom_ladder=("none", {"budget_gb": -1}))
+
+
 @pytest.mark.parametrize("ladder", [["none", "bogus"], ["none", {"every": 0}], [["encoder0", 3]]])
 def test_bad_oom_ladder(ladder):
     with pytest.raises(ValueError, match=r"oom_ladder entry .* is not a valid checkpoint policy.*valid policies"):
