@@ -55,7 +55,7 @@ from torch import nn
 
 from .io import atomic_path, remove_temporaries
 from .policies import PolicySpec, is_budget_policy, validate_policy
-from .profiling import replica
+from .profiling import measure_step_memory, replica
 
 __all__ = [
     "DEFAULT_OOM_LADDER",
@@ -420,9 +420,9 @@ def _default_image(batch: Any) -> Any:
 def estimate_activation_saving(network: nn.Module, input_shape: Sequence[int], policy: PolicySpec,
                                amp_dtype: torch.dtype | None = None) -> tuple[int, int]:
     """Peak live-tensor bytes of one forward+backward of ``network`` without checkpointing and with
-    ``policy``, on a batch of ``input_shape``, measured on a fake copy (``FakeTensorMode`` + ``MemTracker``:
-    exact accounting of every tensor, no memory allocated, the network itself untouched, RNG preserved).
-    The loss is ``mean(out**2)``; optimizer state is not included (it is the same for every policy).
+    ``policy``, on a batch of ``input_shape``, measured on a fake copy (`monai_ckpt.profiling.measure_step_memory`
+    in estimate mode: exact accounting of every tensor, no memory allocated, the network itself untouched, RNG
+    preserved). The loss is ``mean(out**2)``; no optimizer (its state is the same for every policy).
 
     A ``{"budget_gb": X}`` policy is measured as the policy its plan chose (``network.checkpoint_plan``, made on
     the network's last training forward): planning inside the fake copy would nest fake modes.
@@ -433,9 +433,6 @@ def estimate_activation_saving(network: nn.Module, input_shape: Sequence[int], p
     Raises:
         ValueError: for a budget policy when the network has no plan yet (no training forward so far).
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     if is_budget_policy(policy):
         plan = getattr(network, "checkpoint_plan", None)
         if plan is None:
@@ -443,23 +440,13 @@ def estimate_activation_saving(network: nn.Module, input_shape: Sequence[int], p
                              "forward; estimate after it, or pass the planned policy.")
         policy = plan.policy
     device = next(network.parameters()).device
-    peaks = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for spec in ("none", policy):
-            with FakeTensorMode(allow_non_fake_inputs=True):
-                fake = replica(network, spec).train()
-                x = torch.empty(*input_shape, device=device)
-                tracker = MemTracker()
-                with tracker:
-                    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-                        out = fake(x)
-                        out = out[0] if isinstance(out, (list, tuple)) else out
-                        loss = out.float().square().mean()
-                    loss.backward()
-                snapshot = tracker.get_tracker_snapshot("peak")
-                peaks.append(int(sum(per_device["Total"] for per_device in snapshot.values())))
-                del fake, x, out, loss
-    return peaks[0], peaks[1]
+        none, with_policy = (
+            measure_step_memory(lambda spec=spec: replica(network, spec), input_shape, estimate=True, device=device,
+                                optimizer="none", amp=amp_dtype or False).peak
+            for spec in ("none", policy)
+        )
+    return none, with_policy
 
 
 class MemoryStatsHandler:

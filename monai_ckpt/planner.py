@@ -408,8 +408,9 @@ class _Planner:
         best_time = self.time_ratio(best[0]) if best else math.inf
         segments = self.network.checkpoint_segments()
         for fixed in FIXED_POLICIES:  # never slower than a fixed policy that fits
-            if self.time_ratio(fixed) < best_time - 1e-9 and self.peak(fixed) <= budget:
-                best, best_time = (fixed, _group_labels(resolve_policy(fixed, segments), segments)), self.time_ratio(fixed)
+            fixed_time = self.time_ratio(fixed)
+            if fixed_time < best_time - 1e-9 and self.peak(fixed) <= budget:
+                best, best_time = (fixed, _group_labels(resolve_policy(fixed, segments), segments)), fixed_time
         plain = self.peak("none")
         if best is None:
             policy, peak = self.smallest()

@@ -91,13 +91,14 @@ def training_step(
     model: nn.Module,
     x: torch.Tensor,
     optimizer: torch.optim.Optimizer | None,
-    amp: bool = False,
+    amp: bool | torch.dtype = False,
     on_phase: Callable[[str], None] | None = None,
 ) -> None:
     """One training step: forward, ``mean(out**2)`` loss, backward, optimizer step, ``zero_grad``.
+    ``amp``: autocast, bf16 on CPU and fp16 on CUDA, or the dtype given.
     ``on_phase("backward")`` and ``on_phase("optimizer")`` are called as those phases start."""
-    dtype = torch.bfloat16 if x.device.type == "cpu" else torch.float16
-    with torch.autocast(x.device.type, dtype=dtype, enabled=amp):
+    dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16 if x.device.type == "cpu" else torch.float16
+    with torch.autocast(x.device.type, dtype=dtype, enabled=bool(amp)):
         out = model(x)
         if isinstance(out, (list, tuple)):
             out = out[0]
@@ -163,7 +164,7 @@ def measure_step_memory(
     estimate: bool = False,
     device: str | torch.device = "cpu",
     optimizer: str = "adam",
-    amp: bool = False,
+    amp: bool | torch.dtype = False,
 ) -> StepMemory:
     """Peak memory of one training step of ``factory()`` on a batch of ``input_shape`` (B, C, *spatial).
 
@@ -173,7 +174,7 @@ def measure_step_memory(
         estimate: use fake tensors: no memory is allocated and no arithmetic is done.
         device: where to run; on CUDA the result also has ``cuda_max_allocated``.
         optimizer: ``"adam"``, ``"sgd"`` or ``"none"``; its state counts towards the peak.
-        amp: run the forward under autocast (bf16 on CPU, fp16 on CUDA).
+        amp: run the forward under autocast (bf16 on CPU, fp16 on CUDA, or the dtype given).
     """
     from torch.distributed._tools.mem_tracker import MemTracker
 

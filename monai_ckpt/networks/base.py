@@ -164,7 +164,8 @@ class CheckpointPolicyMixin:
     def checkpoint_plan(self) -> Any:
         """With a ``{"budget_gb": X}`` policy, the `monai_ckpt.planner.Plan` for the last training input shape
         (None before the first training forward, or for other policies)."""
-        return self._checkpoint_plans.get(self._checkpoint_plan_key)
+        planned = self._checkpoint_plans.get(self._checkpoint_plan_key)
+        return None if planned is None else planned[0]
 
     def checkpoint_groups(self) -> list[CheckpointGroup]:
         """The groups of segments the current policy recomputes together, in execution order (for a budget
@@ -187,10 +188,10 @@ class CheckpointPolicyMixin:
         if key not in self._checkpoint_plans:
             from ..planner import plan_for_network
 
-            self._checkpoint_plans[key] = plan_for_network(self, x, amp, self._checkpoint_spec)
-        plan = self._checkpoint_plans[key]
+            plan = plan_for_network(self, x, amp, self._checkpoint_spec)
+            self._checkpoint_plans[key] = (plan, resolve_policy(plan.policy, self.checkpoint_segments()))
         nn.Module.__setattr__(self, "_checkpoint_plan_key", key)
-        nn.Module.__setattr__(self, "_checkpoint_groups", resolve_policy(plan.policy, self.checkpoint_segments()))
+        nn.Module.__setattr__(self, "_checkpoint_groups", self._checkpoint_plans[key][1])
 
     @torch.jit.unused
     def _checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:
