@@ -204,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="write the trade-off, memory timeline and per-segment plots to this PNG")
+    parser.add_argument("--peak-tensors", action="store_true",
+                        help="also list, per policy, the tensors alive at its peak and the operators that made them")
     parser.add_argument("--scenarios", action="store_true",
                         help="estimate every policy on the clinical presets (brain MRI 256^3, BraTS, cardiac, "
                              "prostate, liver CT, chest CT 512x512x400)")
@@ -233,10 +235,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=2)
+    if args.peak_tensors:
+        _print_peak_tensors(args)
     if args.plot:
         _write_plot(args, rows)
         print(f"plots written to {args.plot}")
     return 0
+
+
+def _print_peak_tensors(args: argparse.Namespace) -> None:
+    from .profiling import peak_tensors
+
+    input_shape = (args.batch, args.in_channels, *args.shape)
+    for policy in ["none"] + [p for p in (validate_policy(p) for p in args.policies) if p != "none"]:
+        live = peak_tensors(network_factory(args.network, len(args.shape), args.in_channels, policy), input_shape,
+                            estimate=args.estimate, amp=args.amp)
+        print(f"\n{json.dumps(policy)}: tensors alive at the peak (module: innermost one running when the tensor "
+              "was made; in backward, after a recomputation, the last one recomputed)")
+        print(live.format(min_bytes=max(2**20, live.peak // 100)))
 
 
 def _write_plot(args: argparse.Namespace, rows: Sequence[BenchmarkRow]) -> None:

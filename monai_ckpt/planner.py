@@ -3,7 +3,7 @@
 ``plan(network, spatial_shape, budget_gb)`` profiles the network's blocks (bytes each keeps for backward,
 what it passes on, what a ``"cheap"`` checkpoint keeps, forward and recompute time; fake tensors where the
 real size would not fit), then chooses how to run every segment (plainly, checkpointed whole, checkpointed
-"cheap", or block by block, each block plain/full/cheap) with an exact dynamic program over the chain: for
+"cheap", or cut into runs of consecutive blocks, each run plain/full/cheap) with an exact dynamic program over the chain: for
 each prefix of segments it keeps the Pareto front of (bytes kept for backward, recompute time), and a
 choice is admissible only if the backward peak it implies fits (the peak of a block's backward is what the
 blocks before it keep, its own activations and gradients, the skip gradients waiting for their encoder,
@@ -220,14 +220,23 @@ def _option(p: _Profile, units: tuple[tuple[tuple[int, ...], str], ...], grads_a
     return _Option(units, kept, peak, rtime)
 
 
+def _runs_of(blocks: tuple[int, ...]) -> list[tuple[tuple[int, ...], ...]]:
+    """Every way to cut ``blocks`` into runs of consecutive blocks."""
+    if len(blocks) <= 1:
+        return [(blocks,)]
+    return [(blocks[:k], *rest) for k in range(1, len(blocks)) for rest in _runs_of(blocks[k:])] + [(blocks,)]
+
+
 def _segment_options(p: _Profile, blocks: list[int], grads_after: list[int]) -> list[_Option]:
-    tb = tuple(blocks)
-    choices = [((tb, "plain"),) if len(tb) == 1 else tuple(((b,), "plain") for b in tb),
-               ((tb, "full"),), ((tb, "cheap"),)]
-    if len(tb) > 1:
-        for modes in itertools.product(("plain", "full", "cheap"), repeat=len(tb)):
-            if len(set(modes)) > 1 or modes[0] != "plain":
-                choices.append(tuple(((b,), m) for b, m in zip(tb, modes)))
+    """Every way to run a segment: cut into runs of consecutive blocks, each run plain, full or cheap (plain
+    runs as their single blocks)."""
+    choices = []
+    for runs in _runs_of(tuple(blocks)):
+        for modes in itertools.product(("plain", "full", "cheap"), repeat=len(runs)):
+            units = []
+            for run, mode in zip(runs, modes):
+                units += [((b,), "plain") for b in run] if mode == "plain" else [(run, mode)]
+            choices.append(tuple(units))
     return [_option(p, units, grads_after) for units in dict.fromkeys(choices)]
 
 
@@ -283,18 +292,20 @@ def _units_of(p: _Profile, groups: Sequence) -> tuple[tuple[tuple[int, ...], str
 
 def _policy_of(p: _Profile, chosen: Sequence[_Option]) -> tuple[PolicySpec, list[str]]:
     """The policy spec (and the checkpointed names) of one option per segment."""
-    by_mode: dict[str, list[str]] = {"full": [], "cheap": []}
+    by_mode: dict[str, list] = {"full": [], "cheap": []}
     for (name, blocks), option in zip(p.segments, chosen):
         for unit, mode in option.units:
             if mode != "plain":
-                by_mode[mode].append(name if len(unit) == len(blocks) else p.costs[unit[0]].block)
+                names = [p.costs[b].block for b in unit]
+                by_mode[mode].append(name if len(unit) == len(blocks) else names[0] if len(unit) == 1 else names)
     names = by_mode["full"] + by_mode["cheap"]
     if not names:
         return "none", []
+    labels = [n if isinstance(n, str) else "+".join(n) for n in names]
     if not by_mode["cheap"]:
-        return by_mode["full"], names
+        return by_mode["full"], labels
     spec = [{"names": by_mode["full"]}] if by_mode["full"] else []
-    return spec + [{"names": by_mode["cheap"], "mode": "cheap"}], names
+    return spec + [{"names": by_mode["cheap"], "mode": "cheap"}], labels
 
 
 def _group_labels(groups: Sequence, segments: Sequence) -> list[str]:

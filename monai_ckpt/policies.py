@@ -20,7 +20,9 @@ Valid specs:
 - ``{"every": k}``: runs of k consecutive segments.
 - ``{"segments": k}``: k runs of (nearly) equal length over the whole network.
 - a list of segment or block names, e.g. ``["encoder0", "decoder0.1"]``: those segments/blocks, each on
-  its own.
+  its own. An inner list is one group: ``[["decoder0.0", "decoder0.1"], "decoder0.2"]`` recomputes the
+  first two blocks of ``decoder0`` together and its last block on its own (the names of a group must be
+  consecutive in execution order).
 - a list mixing names and dicts: the union of those sub-policies, which must not overlap, e.g.
   ``[{"kind": "encoder"}, {"names": ["decoder0"], "mode": "cheap"}]``.
 - a dict may add ``"mode"`` (``"full"``, ``"cheap"`` or ``"offload"``) to any of the above:
@@ -52,7 +54,7 @@ PolicySpec = Union[str, Sequence[str], dict]
 
 VALID_POLICIES_TEXT = (
     f"{', '.join(repr(p) for p in NAMED_POLICIES)}, {{'every': k}}, {{'segments': k}}, "
-    "a list of segment/block names and/or such dicts, or a dict of one of 'every'/'segments'/'kind'/'names' with an optional "
+    "a list of segment/block names, lists of names (one group each) and/or such dicts, or a dict of one of 'every'/'segments'/'kind'/'names' with an optional "
     f"'mode' in {CHECKPOINT_MODES}, or {{'budget_gb': X}} with an optional 'optimizer' in {_OPTIMIZERS}"
 )
 
@@ -110,11 +112,11 @@ def validate_policy(spec: Any) -> PolicySpec:
             raise _bad(spec)
         return spec
     if isinstance(spec, (list, tuple)):
-        if not spec or not all(isinstance(n, (str, dict)) for n in spec):
-            raise _bad(spec, "a list must hold one or more segment names or policy dicts")
-        if any(isinstance(n, dict) for n in spec):
-            return [validate_policy(n) if isinstance(n, dict) else n for n in spec]
-        return list(spec)
+        if not spec or not all(isinstance(n, (str, dict)) or _is_name_group(n) for n in spec):
+            raise _bad(spec, "a list must hold one or more segment names, lists of names (one group each) or "
+                             "policy dicts")
+        return [validate_policy(n) if isinstance(n, dict) else list(n) if isinstance(n, (list, tuple)) else n
+                for n in spec]
     if isinstance(spec, dict) and "budget_gb" in spec:
         unknown = set(spec) - set(_BUDGET_KEYS)
         if unknown:
@@ -145,6 +147,10 @@ def validate_policy(spec: Any) -> PolicySpec:
     raise _bad(spec)
 
 
+def _is_name_group(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(n, str) for n in value)
+
+
 def is_budget_policy(spec: Any) -> bool:
     """Whether ``spec`` is a ``{"budget_gb": X}`` policy, which the planner resolves per input shape."""
     return isinstance(spec, dict) and "budget_gb" in spec
@@ -165,7 +171,7 @@ def _union(specs: list, segments: Sequence[Segment]) -> list[CheckpointGroup]:
     order = {b: i for i, b in enumerate(b for s in segments for b in s.blocks)}
     groups: list[CheckpointGroup] = []
     for sub in specs:
-        groups += resolve_policy([sub] if isinstance(sub, str) else sub, segments)
+        groups += resolve_policy(sub if isinstance(sub, dict) else [sub], segments)
     seen: dict[str, CheckpointGroup] = {}
     for g in groups:
         for name in g.names:
@@ -220,7 +226,8 @@ def resolve_policy(spec: Any, segments: Sequence[Segment]) -> list[CheckpointGro
 def _named_groups(names: Sequence[str], segments: Sequence[Segment], mode: str) -> list[CheckpointGroup]:
     by_segment = {s.name: s.blocks for s in segments}
     all_blocks = [b for s in segments for b in s.blocks]
-    missing = [n for n in names if n not in by_segment and n not in all_blocks]
+    flat = [n for entry in names for n in ([entry] if isinstance(entry, str) else entry)]
+    missing = [n for n in flat if n not in by_segment and n not in all_blocks]
     if missing:
         known = [s.name for s in segments]
         parts = [b for s in segments if s.parts for b in s.parts]
@@ -229,7 +236,14 @@ def _named_groups(names: Sequence[str], segments: Sequence[Segment], mode: str) 
             f"{known}" + (f" and its blocks {parts}." if parts else ".")
         )
     order = {b: i for i, b in enumerate(all_blocks)}
-    groups = [by_segment.get(n, (n,)) for n in dict.fromkeys(names)]
+    groups = []
+    for entry in dict.fromkeys(n if isinstance(n, str) else tuple(n) for n in names):
+        group = by_segment.get(entry, (entry,)) if isinstance(entry, str) else tuple(
+            b for n in entry for b in by_segment.get(n, (n,)))
+        if [order[b] for b in group] != list(range(order[group[0]], order[group[0]] + len(group))):
+            raise ValueError(f"checkpoint_policy group {list(entry)!r} is not a run of consecutive blocks in execution "
+                             f"order; the blocks are, in order: {all_blocks}.")
+        groups.append(group)
     taken = [b for g in groups for b in g]
     if len(taken) != len(set(taken)):
         raise ValueError(f"checkpoint_policy {list(names)!r} names a block twice (a segment and one of its blocks).")

@@ -9,6 +9,8 @@
 - ``block_costs(factory, shape)``: per block of a checkpoint-aware network, the activation bytes its forward
   keeps for backward when it is not checkpointed, the bytes of its output, and its forward time.
 - ``memory_timeline(factory, shape)``: live bytes after every operator of one training step, with phase.
+- ``peak_tensors(factory, shape)``: the tensors alive at the peak, each with the operator and module that
+  made it: where a policy's peak comes from, and what no policy can remove.
 
 A training step here is ``loss = mean(out**2)``, ``loss.backward()``, ``Adam.step()``, ``zero_grad()``,
 measured on the second step so that optimizer state exists, as in steady-state training.
@@ -39,6 +41,7 @@ __all__ = [
     "make_optimizer",
     "measure_step_memory",
     "memory_timeline",
+    "peak_tensors",
     "replica",
     "step_time_ratios",
     "training_step",
@@ -411,6 +414,106 @@ def memory_timeline(
         with tracker:
             training_step(model, x, opt, amp, on_phase=lambda p: phase.__setitem__(0, p))
     return points
+
+
+@dataclass
+class LiveTensor:
+    """A tensor storage alive at the peak: its bytes, category, and the operator, module and phase
+    (``"forward"``, ``"backward"``, ``"optimizer"``; ``"setup"`` for weights, optimizer state and the batch)
+    that made it."""
+
+    nbytes: int
+    category: str
+    made_by: str
+    module: str
+    phase: str
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
+
+
+@dataclass
+class PeakTensors:
+    """The live tensors at the peak of one training step, largest first, and the operator running then."""
+
+    peak: int
+    operator: str
+    phase: str
+    tensors: list[LiveTensor]
+
+    def format(self, min_bytes: int = MiB) -> str:
+        """A table of the tensors of at least ``min_bytes``; the rest summed by category."""
+        lines = [f"peak {self.peak / MiB:.0f} MiB during {self.operator} ({self.phase})",
+                 "| MiB | category | made by | in module | phase | shape | dtype |", "|---:|---|---|---|---|---|---|"]
+        small: dict[str, int] = {}
+        for t in self.tensors:
+            if t.nbytes >= min_bytes:
+                shape = "x".join(map(str, t.shape))
+                lines.append(f"| {t.nbytes / MiB:.4g} | {t.category} | {t.made_by} | {t.module} | {t.phase} | "
+                             f"{shape} | {t.dtype} |")
+            else:
+                small[t.category] = small.get(t.category, 0) + t.nbytes
+        lines += [f"| {v / MiB:.4g} | {k} | (tensors under {min_bytes / MiB:.0f} MiB) | | | | |" for k, v in small.items()]
+        return "\n".join(lines)
+
+
+def peak_tensors(
+    factory: Callable[[], nn.Module],
+    input_shape: Sequence[int],
+    *,
+    estimate: bool = False,
+    optimizer: str = "adam",
+    amp: bool | torch.dtype = False,
+) -> PeakTensors:
+    """The tensors alive at the peak of one (steady-state) training step, as `measure_step_memory` counts
+    them, each with the operator and (innermost) module that made it.
+
+    Example::
+
+        print(peak_tensors(lambda: CheckpointUNet(..., checkpoint_policy="all"), (2, 1, 256, 256, 256),
+                           estimate=True).format())
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    phase = ["forward"]
+    made: WeakIdKeyDictionary = WeakIdKeyDictionary()
+    best: list[Any] = [-1, "", "", []]
+
+    class _AtPeak(MemTracker):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            now = "backward" if self._mod_tracker.is_bw else phase[0]
+            module = max(self._mod_tracker.parents, key=lambda n: (n != "Global", n.count("."), len(n)), default="")
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage() not in made:
+                    made[t.untyped_storage()] = (str(func), module, now, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+            total = sum(v for per_dev in self._curr_mem_snap.values() for k, v in per_dev.items() if k == "Total")
+            if total > best[0]:
+                live = []
+                for st, (winfo, _) in list(self._WINFO.items()):
+                    if winfo.mem_consumed:
+                        category = _MEMTRACKER_NAMES.get(str(winfo.reftype.value), str(winfo.reftype.value))
+                        live.append(LiveTensor(winfo.mem_consumed, category, *made.get(st, ("", "", "setup", (), ""))))
+                best[:] = [total, str(func), now, live]
+            return out
+
+    with _steady_state(factory, input_shape, estimate, torch.device("cpu"), optimizer, amp) as (model, opt, x):
+        def label(t: torch.Tensor, what: str, name: str) -> None:
+            made[t.untyped_storage()] = (what, name, "setup", tuple(t.shape), str(t.dtype).replace("torch.", ""))
+
+        for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):
+            label(p, "parameter" if isinstance(p, nn.Parameter) else "buffer", name)
+        for p, state in (opt.state.items() if opt is not None else ()):
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    label(value, f"optimizer state {key}", "")
+        label(x, "input batch", "")
+        tracker = _AtPeak()
+        tracker.track_external(model, opt, x)
+        with tracker:
+            training_step(model, x, opt, amp, on_phase=lambda p: phase.__setitem__(0, p))
+    peak, operator, at_phase, live = best
+    return PeakTensors(peak, operator, at_phase, sorted(live, key=lambda t: -t.nbytes))
 
 
 def _fake_mode():  # noqa: ANN202

@@ -69,6 +69,19 @@ def test_training_parity_is_exact(case, policy):
     assert_same_training(parent, child, inputs)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_training_parity_with_groups_of_blocks(case):
+    """Runs of blocks, within a segment and across segments, as the planner chooses them: bit-identical."""
+    parent, child, shape = make(case, "none")
+    blocks = [b for s in child.checkpoint_segments() for b in s.blocks]
+    assert len(blocks) >= 7
+    child.checkpoint_policy = [blocks[0:2], {"names": [blocks[3:6]], "mode": "cheap"}, blocks[-1]]
+    assert [(g.names, g.mode) for g in child.checkpoint_groups()] == [
+        (tuple(blocks[0:2]), "full"), (tuple(blocks[3:6]), "cheap"), ((blocks[-1],), "full")]
+    inputs = [torch.randn(*shape) for _ in range(3)]
+    assert_same_training(parent, child, inputs)
+
+
 @pytest.mark.parametrize("case", ["dynunet-ds1", "dynunet-ds2", "dynunet-ds3-res"])
 @pytest.mark.parametrize("policy", ["all", "head", "sqrt", {"segments": 1}, "cheap"], ids=str)
 def test_deep_supervision_heads_get_their_gradient(case, policy):

@@ -221,3 +221,27 @@ def test_cli(capsys, tmp_path, monkeypatch):
     assert "smallest peak reachable" in capsys.readouterr().err
     assert main(["--network", "unet", "--table", "--budgets", "-1"]) == 2
     assert "budget_gb must be a positive" in capsys.readouterr().err
+
+
+def test_segment_options_cut_segments_into_runs():
+    """A segment of n blocks is cut every possible way (2^(n-1) cuts), each run plain, full or cheap; the
+    policy of a cut names whole segments, single blocks and runs (inner lists) and resolves to those units."""
+    assert planner._runs_of((0, 1, 2)) == [((0,), (1,), (2,)), ((0,), (1, 2)), ((0, 1), (2,)), ((0, 1, 2),)]
+    assert len(planner._runs_of(tuple(range(5)))) == 16
+    net = CheckpointUNet(**UNET)
+    prof = planner._profile(net, (1, 1, 32, 32, 32), False, "adam", timing=False)
+    grads = planner._grads_after(prof)
+    name, blocks = next((n, b) for n, b in prof.segments if len(b) == 3)
+    units = {o.units for o in planner._segment_options(prof, blocks, grads)}
+    b0, b1, b2 = blocks
+    assert (((b0, b1), "full"), ((b2,), "cheap")) in units and (((b0,), "plain"), ((b1, b2), "full")) in units
+    chosen = [next(o for o in planner._segment_options(prof, bl, grads)
+                   if o.units == ((((b0, b1), "full"), ((b2,), "cheap")) if n == name else (((bl[0],), "plain"),)
+                                  if len(bl) == 1 else tuple(((b,), "plain") for b in bl)))
+              for n, bl in prof.segments]
+    policy, labels = planner._policy_of(prof, chosen)
+    names = [prof.costs[b].block for b in blocks]
+    assert policy == [{"names": [names[:2]]}, {"names": [names[2]], "mode": "cheap"}]
+    assert labels == ["+".join(names[:2]), names[2]]
+    groups = resolve_policy(json.loads(json.dumps(policy)), net.checkpoint_segments())
+    assert [(g.names, g.mode) for g in groups] == [(tuple(names[:2]), "full"), ((names[2],), "cheap")]

@@ -94,3 +94,35 @@ def test_segments_made_of_blocks():
         resolve_policy(["decoder0", "decoder0.1"], SPLIT)
     with pytest.raises(ValueError, match="in two groups"):
         resolve_policy([{"kind": "decoder"}, {"names": ["decoder0.1"], "mode": "cheap"}], SPLIT)
+
+
+def test_inner_lists_are_groups_of_consecutive_blocks():
+    def g(spec):
+        return [(gr.names, gr.mode) for gr in resolve_policy(spec, SPLIT)]
+
+    assert g([["decoder0.0", "decoder0.1"], "decoder0.2"]) == [(("decoder0.0", "decoder0.1"), "full"),
+                                                              (("decoder0.2",), "full")]
+    # segments and blocks mix in a group, across segments
+    assert g([["encoder0.1", "bottleneck", "decoder0.0"]]) == [(("encoder0.1", "bottleneck", "decoder0.0"), "full")]
+    assert g([["bottleneck", "decoder0"]]) == [(("bottleneck", "decoder0.0", "decoder0.1", "decoder0.2"), "full")]
+    assert g({"names": [["encoder0", "bottleneck"]], "mode": "cheap"}) == [
+        (("encoder0.0", "encoder0.1", "bottleneck"), "cheap")]
+    assert g([{"names": [["decoder0.0", "decoder0.1"]]}, {"names": ["decoder0.2"], "mode": "cheap"}]) == [
+        (("decoder0.0", "decoder0.1"), "full"), (("decoder0.2",), "cheap")]
+    assert g([["encoder0", "bottleneck"], {"names": ["decoder0.2"], "mode": "cheap"}]) == [
+        (("encoder0.0", "encoder0.1", "bottleneck"), "full"), (("decoder0.2",), "cheap")]
+    spec = [["decoder0.0", "decoder0.1"], "head0"]
+    assert resolve_policy(json.loads(json.dumps(spec)), SPLIT) == resolve_policy(spec, SPLIT)
+    with pytest.raises(ValueError, match=r"group \['decoder0.0', 'decoder0.2'\] is not a run of consecutive blocks.*"
+                                         r"in order: \['encoder0.0', 'encoder0.1', 'bottleneck'"):
+        resolve_policy([["decoder0.0", "decoder0.2"]], SPLIT)
+    with pytest.raises(ValueError, match="is not a run of consecutive"):
+        resolve_policy([["decoder0.1", "decoder0.0"]], SPLIT)
+    with pytest.raises(ValueError, match="names a block twice"):
+        resolve_policy([["decoder0.0", "decoder0.1"], "decoder0"], SPLIT)
+    with pytest.raises(ValueError, match=r"segment\(s\) \['decoder7'\]"):
+        resolve_policy([["decoder0.2", "decoder7"]], SPLIT)
+    with pytest.raises(ValueError, match="lists of names"):
+        validate_policy([[]])
+    with pytest.raises(ValueError, match="lists of names"):
+        validate_policy([["decoder0.0", 3]])

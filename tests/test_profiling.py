@@ -58,6 +58,10 @@ def test_benchmark_rows_and_cli(tmp_path, capsys):
     assert 'CheckpointUNet {"every": 2}' in printed and "estimate" in printed
     data = json.loads(out.read_text())
     assert data[0]["peak_vs_plain"] == 1.0 and data[1]["peak_vs_plain"] < 1.0
+    assert main(["--shape", "64", "64", "64", "--estimate", "--no-monai", "--policies", "all", "--peak-tensors"]) == 0
+    printed = capsys.readouterr().out
+    assert '"all": tensors alive at the peak' in printed and '"none": tensors alive at the peak' in printed
+    assert "| aten.convolution.default |" in printed and "| input batch |" in printed
 
 
 def test_cli_bad_input_is_a_clear_error(capsys):
@@ -84,6 +88,37 @@ def test_block_costs_hand_count():
     fake = block_costs(lambda: CheckpointUNet(**CFG), (1, 1, 32, 32, 32), estimate=True)
     assert [(c.block, c.saved_bytes, c.output_bytes) for c in fake] == [
         (c.block, c.saved_bytes, c.output_bytes) for c in costs.values()]
+
+
+def test_peak_tensors_hand_count_and_total():
+    """The single conv of the hand count: at the peak (the loss backward's last multiply) the output, the four
+    loss temporaries, the batch, the weights and Adam's state, each named by what made it."""
+    from monai_ckpt.profiling import peak_tensors
+
+    live = peak_tensors(lambda: nn.Conv3d(1, 2, 1), (1, 1, 8, 8, 8))
+    assert live.operator == "aten.mul.Tensor" and live.phase == "backward"
+    assert live.peak == sum(t.nbytes for t in live.tensors) == measure_step_memory(
+        lambda: nn.Conv3d(1, 2, 1), (1, 1, 8, 8, 8)).peak
+    big = [(t.nbytes, t.category, t.made_by, t.phase) for t in live.tensors if t.nbytes >= 2048]
+    assert big == [(4096, "activations", "aten.convolution.default", "forward"),
+                   *[(4096, "temporaries", op, "backward") for op in
+                     ("aten.div.Scalar", "aten.pow.Tensor_Scalar", "aten.mul.Scalar", "aten.mul.Tensor")],
+                   (2048, "other", "input batch", "setup")]
+    named = {(t.made_by, t.module) for t in live.tensors if t.phase == "setup"}
+    assert {("parameter", "weight"), ("parameter", "bias"), ("optimizer state exp_avg", "")} <= named
+    assert "| 0.003906 | activations | aten.convolution.default | Conv3d | forward | 1x2x8x8x8 | float32 |" in \
+        live.format(min_bytes=4096)
+
+
+def test_peak_tensors_of_a_checkpointed_network():
+    from monai_ckpt.profiling import peak_tensors
+
+    for policy in ("none", "all"):
+        factory = lambda: CheckpointUNet(**CFG, checkpoint_policy=policy)  # noqa: E731
+        live = peak_tensors(factory, (2, 1, 32, 32, 32), estimate=True)
+        assert sum(t.nbytes for t in live.tensors) == live.peak == measure_step_memory(
+            factory, (2, 1, 32, 32, 32), estimate=True).peak
+    assert any(t.phase == "backward" and t.category == "activations" for t in live.tensors)  # "all" recomputes
 
 
 def test_memory_timeline_matches_the_peak():
