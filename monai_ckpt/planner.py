@@ -3,8 +3,8 @@
 ``plan(network, spatial_shape, budget_gb)`` profiles the network's blocks (bytes each keeps for backward,
 what it passes on, what a ``"cheap"`` checkpoint keeps, forward and recompute time; fake tensors where the
 real size would not fit), then chooses how to run every segment (plainly, checkpointed whole, checkpointed
-"cheap", or cut into runs of consecutive blocks, each run plain/full/cheap) with an exact dynamic program over the chain: for
-each prefix of segments it keeps the Pareto front of (bytes kept for backward, recompute time), and a
+"cheap", or cut into runs of consecutive blocks, each run plain/full/cheap) with an exact dynamic program over
+the chain: for each prefix of segments it keeps the Pareto front of (bytes kept for backward, recompute time), and a
 choice is admissible only if the backward peak it implies fits (the peak of a block's backward is what the
 blocks before it keep, its own activations and gradients, the skip gradients waiting for their encoder,
 parameters, gradients and optimizer state). The front's fastest admissible end is optimal for that memory

@@ -452,7 +452,8 @@ class PeakTensors:
                              f"{shape} | {t.dtype} |")
             else:
                 small[t.category] = small.get(t.category, 0) + t.nbytes
-        lines += [f"| {v / MiB:.4g} | {k} | (tensors under {min_bytes / MiB:.0f} MiB) | | | | |" for k, v in small.items()]
+        lines += [f"| {v / MiB:.4g} | {k} | (tensors under {min_bytes / MiB:.0f} MiB) | | | | |"
+                  for k, v in small.items()]
         return "\n".join(lines)
 
 
@@ -486,7 +487,8 @@ def peak_tensors(
             module = max(self._mod_tracker.parents, key=lambda n: (n != "Global", n.count("."), len(n)), default="")
             for t in pytree.tree_leaves(out):
                 if isinstance(t, torch.Tensor) and t.untyped_storage() not in made:
-                    made[t.untyped_storage()] = (str(func), module, now, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+                    dtype = str(t.dtype).replace("torch.", "")
+                    made[t.untyped_storage()] = (str(func), module, now, tuple(t.shape), dtype)
             total = sum(v for per_dev in self._curr_mem_snap.values() for k, v in per_dev.items() if k == "Total")
             if total > best[0]:
                 live = []

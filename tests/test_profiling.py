@@ -1,5 +1,6 @@
 """Profiling and the benchmark CLI: estimates agree with real measurement; the CLI prints the table."""
 
+import functools
 import json
 
 import pytest
@@ -114,7 +115,7 @@ def test_peak_tensors_of_a_checkpointed_network():
     from monai_ckpt.profiling import peak_tensors
 
     for policy in ("none", "all"):
-        factory = lambda: CheckpointUNet(**CFG, checkpoint_policy=policy)  # noqa: E731
+        factory = functools.partial(CheckpointUNet, **CFG, checkpoint_policy=policy)
         live = peak_tensors(factory, (2, 1, 32, 32, 32), estimate=True)
         assert sum(t.nbytes for t in live.tensors) == live.peak == measure_step_memory(
             factory, (2, 1, 32, 32, 32), estimate=True).peak
