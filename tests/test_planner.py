@@ -194,7 +194,7 @@ def test_capacity_search_finds_the_boundary():
     cube = lambda edge: (1, 1, edge, edge, edge)
     assert _measured(net, "none", cube(row["plain"])) <= budget * GiB  # real tensors
     assert _measured(net, "none", cube(row["plain"] + 8), estimate=True) > budget * GiB
-    policy = planner._least_memory_policy(net, cube(96), False, "adam")
+    policy = planner._least_memory_policy(net, cube(planner._reference_edge(planner._edges(net, 1024))), False, "adam")
     assert _measured(net, policy, cube(row["checkpointed"]), estimate=True) <= budget * GiB
     assert _measured(net, policy, cube(row["checkpointed"] + 8), estimate=True) > budget * GiB
     batch = planner.max_batch_size(net, (32, 32, 32), budget, checkpointing=False)
