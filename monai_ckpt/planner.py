@@ -296,8 +296,9 @@ def _policy_of(p: _Profile, chosen: Sequence[_Option]) -> tuple[PolicySpec, list
     for (name, blocks), option in zip(p.segments, chosen):
         for unit, mode in option.units:
             if mode != "plain":
-                names = [p.costs[b].block for b in unit]
-                by_mode[mode].append(name if len(unit) == len(blocks) else names[0] if len(unit) == 1 else names)
+                unit_blocks = [p.costs[b].block for b in unit]
+                by_mode[mode].append(name if len(unit) == len(blocks) else unit_blocks[0] if len(unit) == 1
+                                     else unit_blocks)
     names = by_mode["full"] + by_mode["cheap"]
     if not names:
         return "none", []

@@ -227,8 +227,8 @@ def resolve_policy(spec: Any, segments: Sequence[Segment]) -> list[CheckpointGro
 def _named_groups(names: Sequence[str], segments: Sequence[Segment], mode: str) -> list[CheckpointGroup]:
     by_segment = {s.name: s.blocks for s in segments}
     all_blocks = [b for s in segments for b in s.blocks]
-    flat = [n for entry in names for n in ([entry] if isinstance(entry, str) else entry)]
-    missing = [n for n in flat if n not in by_segment and n not in all_blocks]
+    entries = list(dict.fromkeys((n,) if isinstance(n, str) else tuple(n) for n in names))  # a name: a group of one
+    missing = [n for entry in entries for n in entry if n not in by_segment and n not in all_blocks]
     if missing:
         known = [s.name for s in segments]
         parts = [b for s in segments if s.parts for b in s.parts]
@@ -238,9 +238,8 @@ def _named_groups(names: Sequence[str], segments: Sequence[Segment], mode: str) 
         )
     order = {b: i for i, b in enumerate(all_blocks)}
     groups = []
-    for entry in dict.fromkeys(n if isinstance(n, str) else tuple(n) for n in names):
-        group = by_segment.get(entry, (entry,)) if isinstance(entry, str) else tuple(
-            b for n in entry for b in by_segment.get(n, (n,)))
+    for entry in entries:
+        group = tuple(b for n in entry for b in by_segment.get(n, (n,)))
         if [order[b] for b in group] != list(range(order[group[0]], order[group[0]] + len(group))):
             raise ValueError(f"checkpoint_policy group {list(entry)!r} is not a run of consecutive blocks in execution "
                              f"order; the blocks are, in order: {all_blocks}.")

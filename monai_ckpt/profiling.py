@@ -396,24 +396,42 @@ def memory_timeline(
     Returns:
         ``(operator index, live bytes, phase)`` with phase ``"forward"``, ``"backward"`` or ``"optimizer"``.
     """
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    phase = ["forward"]
     points: list[tuple[int, int, str]] = []
 
-    class _Timeline(MemTracker):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            out = super().__torch_dispatch__(func, types, args, kwargs)
-            total = sum(v for per_dev in self._curr_mem_snap.values() for k, v in per_dev.items() if k == "Total")
-            points.append((len(points), int(total), "backward" if self._mod_tracker.is_bw else phase[0]))
-            return out
+    def after_operator(tracker: Any, func: Any, out: Any) -> None:
+        points.append((len(points), tracker.live_bytes(), tracker.phase))
 
     with _steady_state(factory, input_shape, estimate, torch.device("cpu"), optimizer, amp) as (model, opt, x):
-        tracker = _Timeline()
-        tracker.track_external(model, opt, x)
-        with tracker:
-            training_step(model, x, opt, amp, on_phase=lambda p: phase.__setitem__(0, p))
+        _run_tracked_step(model, opt, x, amp, after_operator)
     return points
+
+
+def _run_tracked_step(model: nn.Module, opt: Any, x: torch.Tensor, amp: bool | torch.dtype,
+                      after_operator: Callable[[Any, Any, Any], None]) -> None:
+    """One training step under a MemTracker that calls ``after_operator(tracker, func, out)`` after every
+    operator; ``tracker.live_bytes()`` and ``tracker.phase`` ("forward", "backward", "optimizer") say where
+    the step is."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class _PerOperator(MemTracker):
+        step_phase = "forward"
+
+        @property
+        def phase(self) -> str:
+            return "backward" if self._mod_tracker.is_bw else self.step_phase
+
+        def live_bytes(self) -> int:
+            return int(sum(v for per_dev in self._curr_mem_snap.values() for k, v in per_dev.items() if k == "Total"))
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            after_operator(self, func, out)
+            return out
+
+    tracker = _PerOperator()
+    tracker.track_external(model, opt, x)
+    with tracker:
+        training_step(model, x, opt, amp, on_phase=lambda p: setattr(tracker, "step_phase", p))
 
 
 @dataclass
@@ -473,47 +491,39 @@ def peak_tensors(
         print(peak_tensors(lambda: CheckpointUNet(..., checkpoint_policy="all"), (2, 1, 256, 256, 256),
                            estimate=True).format())
     """
-    from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.weak import WeakIdKeyDictionary
 
-    phase = ["forward"]
-    made: WeakIdKeyDictionary = WeakIdKeyDictionary()
+    made: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> (made by, module, phase, shape, dtype)
     best: list[Any] = [-1, "", "", []]
 
-    class _AtPeak(MemTracker):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            out = super().__torch_dispatch__(func, types, args, kwargs)
-            now = "backward" if self._mod_tracker.is_bw else phase[0]
-            module = max(self._mod_tracker.parents, key=lambda n: (n != "Global", n.count("."), len(n)), default="")
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.untyped_storage() not in made:
-                    dtype = str(t.dtype).replace("torch.", "")
-                    made[t.untyped_storage()] = (str(func), module, now, tuple(t.shape), dtype)
-            total = sum(v for per_dev in self._curr_mem_snap.values() for k, v in per_dev.items() if k == "Total")
-            if total > best[0]:
-                live = []
-                for st, (winfo, _) in list(self._WINFO.items()):
-                    if winfo.mem_consumed:
-                        category = _MEMTRACKER_NAMES.get(str(winfo.reftype.value), str(winfo.reftype.value))
-                        live.append(LiveTensor(winfo.mem_consumed, category, *made.get(st, ("", "", "setup", (), ""))))
-                best[:] = [total, str(func), now, live]
-            return out
+    def label(t: torch.Tensor, what: str, module: str, phase: str) -> None:
+        if t.untyped_storage() not in made:
+            made[t.untyped_storage()] = (what, module, phase, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+
+    def after_operator(tracker: Any, func: Any, out: Any) -> None:
+        parents = tracker._mod_tracker.parents
+        module = max(parents, key=lambda n: (n != "Global", n.count("."), len(n)), default="")
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                label(t, str(func), module, tracker.phase)
+        total = tracker.live_bytes()
+        if total > best[0]:
+            live = []
+            for st, (winfo, _) in list(tracker._WINFO.items()):
+                if winfo.mem_consumed:
+                    category = _MEMTRACKER_NAMES.get(str(winfo.reftype.value), str(winfo.reftype.value))
+                    live.append(LiveTensor(winfo.mem_consumed, category, *made.get(st, ("", "", "setup", (), ""))))
+            best[:] = [total, str(func), tracker.phase, live]
 
     with _steady_state(factory, input_shape, estimate, torch.device("cpu"), optimizer, amp) as (model, opt, x):
-        def label(t: torch.Tensor, what: str, name: str) -> None:
-            made[t.untyped_storage()] = (what, name, "setup", tuple(t.shape), str(t.dtype).replace("torch.", ""))
-
         for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):
-            label(p, "parameter" if isinstance(p, nn.Parameter) else "buffer", name)
-        for p, state in (opt.state.items() if opt is not None else ()):
+            label(p, "parameter" if isinstance(p, nn.Parameter) else "buffer", name, "setup")
+        for state in (opt.state.values() if opt is not None else ()):
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
-                    label(value, f"optimizer state {key}", "")
-        label(x, "input batch", "")
-        tracker = _AtPeak()
-        tracker.track_external(model, opt, x)
-        with tracker:
-            training_step(model, x, opt, amp, on_phase=lambda p: phase.__setitem__(0, p))
+                    label(value, f"optimizer state {key}", "", "setup")
+        label(x, "input batch", "", "setup")
+        _run_tracked_step(model, opt, x, amp, after_operator)
     peak, operator, at_phase, live = best
     return PeakTensors(peak, operator, at_phase, sorted(live, key=lambda t: -t.nbytes))
 
