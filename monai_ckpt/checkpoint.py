@@ -48,8 +48,28 @@ _KEEP_IN_CHEAP = {
 }
 
 
+_cheap_state = threading.local()
+
+
+@contextlib.contextmanager
+def _recomputed_by_cheap() -> Any:
+    """Operators run inside are recomputed by a ``"cheap"`` checkpoint even if it keeps their kind: for outputs
+    that backward never needs (a residual branch's convolution, whose output only meets an addition)."""
+    before = getattr(_cheap_state, "recompute", False)
+    _cheap_state.recompute = True
+    try:
+        yield
+    finally:
+        _cheap_state.recompute = before
+
+
+def _cheap_keeps(op: Any) -> bool:
+    """Whether a ``"cheap"`` checkpoint keeps the output of ``op`` (rather than recomputing it) here."""
+    return op in _KEEP_IN_CHEAP and not getattr(_cheap_state, "recompute", False)
+
+
 def _cheap_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _KEEP_IN_CHEAP else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if _cheap_keeps(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class _BatchNormGuard:

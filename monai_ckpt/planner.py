@@ -103,6 +103,8 @@ class _Profile:
     fixed_bytes: int  # parameters, optimizer state and the batch
     full_s: list[float]  # recompute time of each block in a full checkpoint, as a fraction of a plain step
     cheap_s: list[float]  # the same in a cheap checkpoint
+    full_tail_s: list[float]  # of full_s, what a checkpoint ending with the block does not rerun
+    cheap_tail_s: list[float]  # of cheap_s, the same
 
 
 def _items(network: nn.Module, costs: list[BlockCost]) -> list[tuple[int, int | None, int, bool]]:
@@ -148,13 +150,15 @@ def _step_seconds(network: nn.Module, input_shape: tuple[int, ...], amp: bool, o
 
 def _profile(network: nn.Module, input_shape: tuple[int, ...], amp: bool, optimizer: str, timing: bool) -> _Profile:
     costs = block_costs(lambda: _replica(network, "none"), input_shape, estimate=True, amp=amp)
-    full_s = cheap_s = [0.0] * len(costs)
+    full_s = cheap_s = full_tail_s = cheap_tail_s = [0.0] * len(costs)
     if timing:  # recompute time of each block as a fraction of a plain training step, measured on the CPU
         time_shape = _time_shape(input_shape, network.size_multiple())
         timed = block_costs(lambda: _replica(network, "none"), time_shape, amp=amp, repeats=2)
         step_s = _step_seconds(network, time_shape, amp, optimizer)
         full_s = [c.forward_s / step_s for c in timed]
         cheap_s = [c.cheap_recompute_s / step_s for c in timed]
+        full_tail_s = [c.tail_s / step_s for c in timed]
+        cheap_tail_s = [c.cheap_tail_s / step_s for c in timed]
     names = [c.segment for c in costs]
     segments = [(name, [i for i, n in enumerate(names) if n == name]) for name in dict.fromkeys(names)]
     param_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
@@ -166,6 +170,8 @@ def _profile(network: nn.Module, input_shape: tuple[int, ...], amp: bool, optimi
         fixed_bytes=(1 + opt_states) * param_bytes + math.prod(input_shape) * 4,
         full_s=full_s,
         cheap_s=cheap_s,
+        full_tail_s=full_tail_s,
+        cheap_tail_s=cheap_tail_s,
     )
 
 
@@ -213,10 +219,10 @@ def _option(p: _Profile, units: tuple[tuple[tuple[int, ...], str], ...], grads_a
             inside += c.kept_bytes
             peak = max(peak, kept + inside + GRAD_FACTOR * (c.next_bytes + c.input_bytes) + _pending(p, b) + grads_after[b])
         kept += _unit_kept(p, blocks, mode)
-        if mode == "full":
-            rtime += sum(p.full_s[b] for b in blocks)
+        if mode == "full":  # torch stops recomputing once every saved tensor is back: the last block's tail is free
+            rtime += sum(p.full_s[b] for b in blocks) - p.full_tail_s[blocks[-1]]
         elif mode == "cheap":
-            rtime += sum(p.cheap_s[b] for b in blocks)
+            rtime += sum(p.cheap_s[b] for b in blocks) - p.cheap_tail_s[blocks[-1]]
     return _Option(units, kept, peak, rtime)
 
 

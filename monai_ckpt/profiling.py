@@ -32,7 +32,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .checkpoint import _KEEP_IN_CHEAP
+from .checkpoint import _cheap_keeps
 
 __all__ = [
     "BlockCost",
@@ -269,6 +269,10 @@ class BlockCost:
         input_bytes: bytes of the tensors it takes (the running tensor and the skips it pops).
         param_bytes: bytes of the parameters it uses (their gradients appear during its backward).
         cheap_recompute_s: of ``forward_s``, the time of the operators a ``"cheap"`` checkpoint recomputes.
+        tail_s: of ``forward_s``, the time of the operators after its last saved tensor, which a checkpoint
+            that ends with this block does not rerun (torch stops a recomputation once every saved tensor is
+            back, e.g. before a final convolution, whose input is saved before it runs).
+        cheap_tail_s: of ``cheap_recompute_s``, the part after its last saved tensor.
     """
 
     block: str
@@ -285,6 +289,8 @@ class BlockCost:
     input_bytes: int = 0
     param_bytes: int = 0
     cheap_recompute_s: float | None = None
+    tail_s: float | None = None
+    cheap_tail_s: float | None = None
 
 
 def _storages(*tensors: torch.Tensor) -> dict[int, torch.UntypedStorage]:
@@ -298,22 +304,29 @@ def _nbytes(storages: dict[int, torch.UntypedStorage]) -> int:
 
 class _OpRecorder(TorchDispatchMode):
     """Records the storages of convolution/matmul outputs (what a cheap checkpoint keeps), the parameters
-    used, and, when timing, the time of every other operator (what a cheap checkpoint recomputes)."""
+    used, and, when timing, the time of all operators and of the others (what a cheap checkpoint recomputes),
+    and both as they stood when the last tensor was saved for backward (call `saved()` from a pack hook)."""
 
     def __init__(self, params: dict[int, torch.UntypedStorage], timing: bool) -> None:
         super().__init__()
         self.params, self.timing = params, timing
         self.kept: dict[int, torch.UntypedStorage] = {}
         self.used: dict[int, torch.UntypedStorage] = {}
-        self.recompute_s = 0.0
+        self.ops_s = self.recompute_s = 0.0
+        self.at_last_save = (0.0, 0.0)
+
+    def saved(self) -> None:
+        self.at_last_save = (self.ops_s, self.recompute_s)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         t0 = time.process_time()
         out = func(*args, **(kwargs or {}))
-        if func in _KEEP_IN_CHEAP:
+        seconds = time.process_time() - t0 if self.timing else 0.0
+        self.ops_s += seconds
+        if _cheap_keeps(func):
             self.kept.update(_storages(*(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))))
-        elif self.timing:
-            self.recompute_s += time.process_time() - t0
+        else:
+            self.recompute_s += seconds
         for t in pytree.tree_leaves((args, kwargs)):
             if isinstance(t, torch.Tensor) and id(st := t.untyped_storage()) in self.params:
                 self.used[id(st)] = st
@@ -331,7 +344,8 @@ def block_costs(
     """Per-block costs of ``factory()``, a monai_ckpt network, on a batch of ``input_shape``.
 
     The blocks run in the network's own order (the chain its policies checkpoint), without checkpointing,
-    under autocast when ``amp``; saved tensors are counted once per storage.
+    under autocast when ``amp``; saved tensors are counted once per storage. Times are the median of
+    ``repeats`` runs after a warm-up run (the first run at a shape also pays one-off kernel set-up).
     """
     from .networks.base import _run_steps
 
@@ -342,25 +356,30 @@ def block_costs(
         params = _storages(*model.parameters())
         times: dict[str, list[float]] = {s.block: [] for s in steps}
         cheap_times: dict[str, list[float]] = {s.block: [] for s in steps}
+        tails: dict[str, list[tuple[float, float]]] = {s.block: [] for s in steps}
         costs: list[BlockCost] = []
-        for rep in range(1 if estimate else repeats):
+        for rep in range(1 if estimate else 1 + repeats):
             h, stack = x, []
             for step in steps:
                 before = _storages(h, *stack)
                 inputs = _storages(h, *stack[len(stack) - step.pops :]) if step.pops else _storages(h)
                 saved: dict[int, torch.UntypedStorage] = {}
+                recorder = _OpRecorder(params, timing=not estimate)
 
-                def pack(t: torch.Tensor, saved=saved, before=before) -> torch.Tensor:
+                def pack(t: torch.Tensor, saved=saved, before=before, recorder=recorder) -> torch.Tensor:
                     saved.update((k, st) for k, st in _storages(t).items() if k not in params and k not in before)
+                    recorder.saved()
                     return t
 
-                recorder = _OpRecorder(params, timing=not estimate)
                 t0 = time.process_time()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
                         outs = _run_steps([step], h, *stack)
-                times[step.block].append(time.process_time() - t0)
-                cheap_times[step.block].append(recorder.recompute_s)
+                if rep > 0 or estimate:
+                    times[step.block].append(time.process_time() - t0)
+                    cheap_times[step.block].append(recorder.recompute_s)
+                    tails[step.block].append((recorder.ops_s - recorder.at_last_save[0],
+                                              recorder.recompute_s - recorder.at_last_save[1]))
                 h, stack = outs[0], list(outs[1 : len(outs) - step.emit])
                 if rep == 0:  # what it passes on: every tensor it made that outlives it
                     made = {k: st for k, st in _storages(*outs).items() if k not in before}
@@ -380,6 +399,8 @@ def block_costs(
         for cost in costs:
             cost.forward_s = statistics.median(times[cost.block])
             cost.cheap_recompute_s = statistics.median(cheap_times[cost.block])
+            cost.tail_s = statistics.median(t for t, _ in tails[cost.block])
+            cost.cheap_tail_s = statistics.median(t for _, t in tails[cost.block])
     return costs
 
 

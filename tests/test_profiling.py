@@ -91,6 +91,32 @@ def test_block_costs_hand_count():
         (c.block, c.saved_bytes, c.output_bytes) for c in costs.values()]
 
 
+def test_block_costs_tail_hand_count(monkeypatch):
+    """What a checkpoint ending with a block does not rerun: torch stops a recomputation once every saved
+    tensor is back, and an operator saves its inputs before it runs. With a clock that advances one unit per
+    reading every operator takes one unit: the top decoder's last block (conv only, then the identity residual
+    add) has both operators after its last saved tensor, the cheap recompute only the add (cheap keeps conv
+    outputs); the merge block (cat, transposed conv) the conv alone; a subunit block ending with PReLU and the
+    residual add both of those."""
+    import itertools
+
+    from monai_ckpt import profiling
+
+    class CountingClock:
+        def __init__(self):
+            self.ticks = itertools.count()
+
+        def process_time(self):
+            return float(next(self.ticks))
+
+    monkeypatch.setattr(profiling, "time", CountingClock())
+    costs = {c.block: c for c in profiling.block_costs(lambda: CheckpointUNet(**CFG), (1, 1, 32, 32, 32), repeats=1)}
+    assert (costs["decoder0.2"].tail_s, costs["decoder0.2"].cheap_tail_s) == (2, 1)
+    assert (costs["decoder0.0"].tail_s, costs["decoder0.0"].cheap_tail_s) == (1, 0)
+    assert (costs["encoder0.1"].tail_s, costs["encoder0.1"].cheap_tail_s) == (2, 2)
+    assert all(0 <= c.cheap_tail_s <= c.tail_s < c.forward_s for c in costs.values())
+
+
 def test_peak_tensors_hand_count_and_total():
     """The single conv of the hand count: at the peak (the loss backward's last multiply) the output, the four
     loss temporaries, the batch, the weights and Adam's state, each named by what made it."""

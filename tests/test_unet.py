@@ -76,3 +76,44 @@ def test_segments_and_runtime_policy_switch():
     with pytest.raises(ValueError, match="'every' must be a positive integer"):
         child.checkpoint_policy = {"every": 0}
     assert child.checkpoint_policy == "cheap"  # a rejected policy leaves the current one in place
+
+
+def test_cheap_keeps_the_unit_convolutions_not_the_residual_branch():
+    """encoder0 of the tiny UNet (ResidualUnit 1->4, stride 2, two subunits) under a cheap checkpoint: at the
+    end of the forward it keeps the outputs of its two subunit convolutions (4 x 16^3 floats each) beyond what
+    a full checkpoint keeps, not the residual branch's (only the addition reads it, and its backward needs
+    neither input); in backward that residual conv is the only convolution run again, and training stays
+    bit-identical to the parent."""
+    from monai_ckpt.profiling import memory_timeline
+
+    cfg = dict(CFG, norm="instance", dropout=0.0)
+    shape = (1, 1, 32, 32, 32)
+
+    def forward_end(mode):
+        points = memory_timeline(lambda: CheckpointUNet(**cfg, checkpoint_policy={"names": ["encoder0"], "mode": mode}),
+                                 shape, optimizer="sgd")
+        return [live for _, live, phase in points if phase == "forward"][-1]
+
+    assert forward_end("cheap") - forward_end("full") == 2 * 4 * 16**3 * 4
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ConvKernels(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.out_channels = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                self.out_channels.append(args[1].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    policy = {"names": ["encoder0"], "mode": "cheap"}
+    loss = CheckpointUNet(**cfg, checkpoint_policy=policy)(torch.randn(*shape)).sum()
+    with ConvKernels() as rerun:
+        loss.backward()
+    assert rerun.out_channels == [4]  # the residual conv (1 -> 4) alone
+    torch.manual_seed(0)
+    parent, child = UNet(**cfg), CheckpointUNet(**cfg, checkpoint_policy=policy)
+    child.load_state_dict(parent.state_dict())
+    assert_same_training(parent, child, [torch.randn(*shape) for _ in range(2)])
