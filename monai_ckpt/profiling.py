@@ -375,7 +375,7 @@ def block_costs(
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
                         outs = _run_steps([step], h, *stack)
-                if rep > 0 or estimate:
+                if rep > 0:  # the first run is the warm-up (and, in estimate mode, the only one: no times)
                     times[step.block].append(time.process_time() - t0)
                     cheap_times[step.block].append(recorder.recompute_s)
                     tails[step.block].append((recorder.ops_s - recorder.at_last_save[0],
