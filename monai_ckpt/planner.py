@@ -101,10 +101,9 @@ class _Profile:
     items: list[tuple[int, int | None, int, bool]]  # pushed tensors: producer, consumer (None: the loss), bytes,
     # whether it is the producer's output itself (a skip) rather than a residual branch or a side head
     fixed_bytes: int  # parameters, optimizer state and the batch
-    full_s: list[float]  # recompute time of each block in a full checkpoint, as a fraction of a plain step
-    cheap_s: list[float]  # the same in a cheap checkpoint
-    full_tail_s: list[float]  # of full_s, what a checkpoint ending with the block does not rerun
-    cheap_tail_s: list[float]  # of cheap_s, the same
+    recompute_s: dict[str, list[float]]  # per mode ("full", "cheap"), recompute time of each block as a fraction
+    # of a plain step
+    tail_s: dict[str, list[float]]  # per mode, of that time what a checkpoint ending with the block does not rerun
 
 
 def _items(network: nn.Module, costs: list[BlockCost]) -> list[tuple[int, int | None, int, bool]]:
@@ -150,15 +149,15 @@ def _step_seconds(network: nn.Module, input_shape: tuple[int, ...], amp: bool, o
 
 def _profile(network: nn.Module, input_shape: tuple[int, ...], amp: bool, optimizer: str, timing: bool) -> _Profile:
     costs = block_costs(lambda: _replica(network, "none"), input_shape, estimate=True, amp=amp)
-    full_s = cheap_s = full_tail_s = cheap_tail_s = [0.0] * len(costs)
+    zeros = [0.0] * len(costs)
+    recompute_s, tail_s = {"full": zeros, "cheap": zeros}, {"full": zeros, "cheap": zeros}
     if timing:  # recompute time of each block as a fraction of a plain training step, measured on the CPU
         time_shape = _time_shape(input_shape, network.size_multiple())
         timed = block_costs(lambda: _replica(network, "none"), time_shape, amp=amp, repeats=2)
         step_s = _step_seconds(network, time_shape, amp, optimizer)
-        full_s = [c.forward_s / step_s for c in timed]
-        cheap_s = [c.cheap_recompute_s / step_s for c in timed]
-        full_tail_s = [c.tail_s / step_s for c in timed]
-        cheap_tail_s = [c.cheap_tail_s / step_s for c in timed]
+        recompute_s = {"full": [c.forward_s / step_s for c in timed],
+                       "cheap": [c.cheap_recompute_s / step_s for c in timed]}
+        tail_s = {"full": [c.tail_s / step_s for c in timed], "cheap": [c.cheap_tail_s / step_s for c in timed]}
     names = [c.segment for c in costs]
     segments = [(name, [i for i, n in enumerate(names) if n == name]) for name in dict.fromkeys(names)]
     param_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
@@ -168,10 +167,8 @@ def _profile(network: nn.Module, input_shape: tuple[int, ...], amp: bool, optimi
         segments=segments,
         items=_items(network, costs),
         fixed_bytes=(1 + opt_states) * param_bytes + math.prod(input_shape) * 4,
-        full_s=full_s,
-        cheap_s=cheap_s,
-        full_tail_s=full_tail_s,
-        cheap_tail_s=cheap_tail_s,
+        recompute_s=recompute_s,
+        tail_s=tail_s,
     )
 
 
@@ -219,10 +216,8 @@ def _option(p: _Profile, units: tuple[tuple[tuple[int, ...], str], ...], grads_a
             inside += c.kept_bytes
             peak = max(peak, kept + inside + GRAD_FACTOR * (c.next_bytes + c.input_bytes) + _pending(p, b) + grads_after[b])
         kept += _unit_kept(p, blocks, mode)
-        if mode == "full":  # torch stops recomputing once every saved tensor is back: the last block's tail is free
-            rtime += sum(p.full_s[b] for b in blocks) - p.full_tail_s[blocks[-1]]
-        elif mode == "cheap":
-            rtime += sum(p.cheap_s[b] for b in blocks) - p.cheap_tail_s[blocks[-1]]
+        if mode != "plain":  # torch stops recomputing once every saved tensor is back: the last block's tail is free
+            rtime += sum(p.recompute_s[mode][b] for b in blocks) - p.tail_s[mode][blocks[-1]]
     return _Option(units, kept, peak, rtime)
 
 

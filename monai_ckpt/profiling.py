@@ -354,9 +354,8 @@ def block_costs(
         steps = model._chain_steps()
         x = torch.randn(*input_shape)
         params = _storages(*model.parameters())
-        times: dict[str, list[float]] = {s.block: [] for s in steps}
-        cheap_times: dict[str, list[float]] = {s.block: [] for s in steps}
-        tails: dict[str, list[tuple[float, float]]] = {s.block: [] for s in steps}
+        # per block, one record per timed run: forward, cheap recompute, tail, cheap tail
+        timings: dict[str, list[tuple[float, float, float, float]]] = {s.block: [] for s in steps}
         costs: list[BlockCost] = []
         for rep in range(1 if estimate else 1 + repeats):
             h, stack = x, []
@@ -376,10 +375,9 @@ def block_costs(
                     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
                         outs = _run_steps([step], h, *stack)
                 if rep > 0:  # the first run is the warm-up (and, in estimate mode, the only one: no times)
-                    times[step.block].append(time.process_time() - t0)
-                    cheap_times[step.block].append(recorder.recompute_s)
-                    tails[step.block].append((recorder.ops_s - recorder.at_last_save[0],
-                                              recorder.recompute_s - recorder.at_last_save[1]))
+                    ops_at_save, recompute_at_save = recorder.at_last_save
+                    timings[step.block].append((time.process_time() - t0, recorder.recompute_s,
+                                                recorder.ops_s - ops_at_save, recorder.recompute_s - recompute_at_save))
                 h, stack = outs[0], list(outs[1 : len(outs) - step.emit])
                 if rep == 0:  # what it passes on: every tensor it made that outlives it
                     made = {k: st for k, st in _storages(*outs).items() if k not in before}
@@ -397,10 +395,8 @@ def block_costs(
             del h, stack
     if not estimate:
         for cost in costs:
-            cost.forward_s = statistics.median(times[cost.block])
-            cost.cheap_recompute_s = statistics.median(cheap_times[cost.block])
-            cost.tail_s = statistics.median(t for t, _ in tails[cost.block])
-            cost.cheap_tail_s = statistics.median(t for _, t in tails[cost.block])
+            cost.forward_s, cost.cheap_recompute_s, cost.tail_s, cost.cheap_tail_s = (
+                statistics.median(column) for column in zip(*timings[cost.block]))
     return costs
 
 

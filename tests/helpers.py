@@ -4,6 +4,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def train_steps(model: nn.Module, inputs: list[torch.Tensor], lr: float = 0.1) -> list[torch.Tensor]:
@@ -52,3 +53,19 @@ def count_conv_calls(model: nn.Module, run) -> dict[str, int]:
         for h in handles:
             h.remove()
     return counts
+
+
+def conv_kernels(run) -> list[int]:
+    """The output channels of every convolution kernel (aten, not module) call while ``run()`` executes: a
+    selective checkpoint reruns the modules but not the kernels whose outputs it kept."""
+
+    class ConvKernels(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                calls.append(args[1].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    calls: list[int] = []
+    with ConvKernels():
+        run()
+    return calls

@@ -75,10 +75,10 @@ def test_dynamic_program_is_exact_against_brute_force():
     net = CheckpointUNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2),
                          num_res_units=1)
     prof = planner._profile(net, (1, 1, 32, 32, 32), False, "adam", timing=False)
-    prof.full_s = [0.01 * (1 + i % 3) for i in range(len(prof.costs))]  # distinct, known recompute costs
-    prof.cheap_s = [t / 4 for t in prof.full_s]
-    prof.full_tail_s = [t / 2 if i % 2 else 0.0 for i, t in enumerate(prof.full_s)]  # a run's time depends on
-    prof.cheap_tail_s = [t / 3 for t in prof.cheap_s]  # its last block: a checkpoint stops before the tail
+    full = [0.01 * (1 + i % 3) for i in range(len(prof.costs))]  # distinct, known recompute costs
+    prof.recompute_s = {"full": full, "cheap": [t / 4 for t in full]}
+    prof.tail_s = {"full": [t / 2 if i % 2 else 0.0 for i, t in enumerate(full)],  # a run's time depends on its
+                   "cheap": [t / 12 for t in full]}  # last block: a checkpoint stops before the tail
     grads = planner._grads_after(prof)
     options = [planner._segment_options(prof, blocks, grads) for _, blocks in prof.segments]
     combos = list(itertools.product(*options))
