@@ -23,36 +23,13 @@ from dataclasses import asdict, dataclass
 from torch import nn
 from tqdm.auto import tqdm
 
+from .networks.presets import NETWORKS, network_factory, padded_shape
 from .policies import validate_policy
 from .profiling import MiB, measure_step_memory, step_time_ratios
 
-__all__ = ["BenchmarkRow", "NETWORKS", "run_benchmark", "main"]
+__all__ = ["BenchmarkRow", "NETWORKS", "network_factory", "run_benchmark", "main"]
 
 DEFAULT_POLICIES = ["none", "all", "cheap", "sqrt", "encoder", "decoder"]
-
-
-def _unet(spatial_dims: int, in_channels: int) -> dict:
-    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2,
-                channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
-
-
-def _vnet(spatial_dims: int, in_channels: int) -> dict:
-    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2)
-
-
-def _dynunet(spatial_dims: int, in_channels: int) -> dict:
-    """nnU-Net-like: 6 levels, filters 32..320, instance norm, leaky ReLU, deep supervision."""
-    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2, kernel_size=[3] * 6,
-                strides=[1, 2, 2, 2, 2, 2], upsample_kernel_size=[2] * 5, filters=(32, 64, 128, 256, 320, 320),
-                norm_name=("INSTANCE", {"affine": True}), deep_supervision=True, deep_supr_num=2)
-
-
-# name -> (MONAI class name, monai_ckpt class name, constructor kwargs for (spatial_dims, in_channels))
-NETWORKS: dict[str, tuple[str, str, Callable[[int, int], dict]]] = {
-    "unet": ("UNet", "CheckpointUNet", _unet),
-    "vnet": ("VNet", "CheckpointVNet", _vnet),
-    "dynunet": ("DynUNet", "CheckpointDynUNet", _dynunet),
-}
 
 
 # Clinical presets: (name, spatial size, input channels, batch). Sizes are padded up to what the network
@@ -136,20 +113,6 @@ def run_benchmark(
         BenchmarkRow(name, p.peak / MiB, p.peak / base, r, v, {k: round(b / MiB, 1) for k, b in p.by_category.items()})
         for (name, _), p, r, v in zip(named, peaks, ratios, voxels)
     ]
-
-
-def network_factory(network: str, spatial_dims: int, in_channels: int, policy="none"):  # noqa: ANN001, ANN201
-    """A factory of the monai_ckpt network ``network`` as the benchmark builds it."""
-    from . import networks
-
-    _, child_name, make_kwargs = NETWORKS[network]
-    return lambda: getattr(networks, child_name)(**make_kwargs(spatial_dims, in_channels), checkpoint_policy=policy)
-
-
-def padded_shape(network: str, shape: Sequence[int], in_channels: int) -> tuple[int, ...]:
-    """``shape`` padded up to the next size the network takes."""
-    multiple = network_factory(network, len(shape), in_channels)().size_multiple()
-    return tuple(-(-int(s) // m) * m for s, m in zip(shape, multiple))
 
 
 def run_scenarios(network: str, policies: Sequence, progress: bool = True) -> list[tuple[str, tuple, int, list]]:

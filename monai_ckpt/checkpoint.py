@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
     "checkpoint",
     "CheckpointedSequential",
     "checkpoint_submodules",
+    "cheap_keeps",
+    "recomputed_by_cheap",
 ]
 
 CHECKPOINT_MODES = ("full", "cheap", "offload")
@@ -52,7 +54,7 @@ _cheap_state = threading.local()
 
 
 @contextlib.contextmanager
-def _recomputed_by_cheap() -> Any:
+def recomputed_by_cheap() -> Any:
     """Operators run inside are recomputed by a ``"cheap"`` checkpoint even if it keeps their kind: for outputs
     that backward never needs (a residual branch's convolution, whose output only meets an addition)."""
     before = getattr(_cheap_state, "recompute", False)
@@ -63,13 +65,13 @@ def _recomputed_by_cheap() -> Any:
         _cheap_state.recompute = before
 
 
-def _cheap_keeps(op: Any) -> bool:
+def cheap_keeps(op: Any) -> bool:
     """Whether a ``"cheap"`` checkpoint keeps the output of ``op`` (rather than recomputing it) here."""
     return op in _KEEP_IN_CHEAP and not getattr(_cheap_state, "recompute", False)
 
 
 def _cheap_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if _cheap_keeps(op) else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if cheap_keeps(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class _BatchNormGuard:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from .benchmark import NETWORKS, network_factory
+from .networks.presets import NETWORKS, network_factory
 from .planner import (
     DEFAULT_BUDGETS_GB,
     capacity_table,

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .profiling import MiB, BlockCost
+from .profiling import BlockCost, MiB
 
-if TYPE_CHECKING:
-    from .benchmark import BenchmarkRow
+__all__ = ["TradeoffPoint", "plot_benchmark"]
 
-__all__ = ["plot_benchmark"]
+
+class TradeoffPoint(Protocol):
+    """One policy on the memory/time plot (`monai_ckpt.benchmark.BenchmarkRow` is one)."""
+
+    name: str
+    peak_vs_plain: float
+    time_ratio: float | None
 
 
 def _pyplot():  # noqa: ANN202
@@ -25,7 +30,7 @@ def _pyplot():  # noqa: ANN202
 
 def plot_benchmark(
     path: str | None,
-    rows: Sequence[BenchmarkRow],
+    rows: Sequence[TradeoffPoint],
     timelines: Mapping[str, Sequence[tuple[int, int, str]]] | None = None,
     blocks: Sequence[BlockCost] | None = None,
     title: str = "",

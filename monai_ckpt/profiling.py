@@ -32,7 +32,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .checkpoint import _cheap_keeps
+from .chain import run_steps
+from .checkpoint import cheap_keeps
 
 __all__ = [
     "BlockCost",
@@ -323,7 +324,7 @@ class _OpRecorder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         seconds = time.process_time() - t0 if self.timing else 0.0
         self.ops_s += seconds
-        if _cheap_keeps(func):
+        if cheap_keeps(func):
             self.kept.update(_storages(*(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))))
         else:
             self.recompute_s += seconds
@@ -347,8 +348,6 @@ def block_costs(
     under autocast when ``amp``; saved tensors are counted once per storage. Times are the median of
     ``repeats`` runs after a warm-up run (the first run at a shape also pays one-off kernel set-up).
     """
-    from .networks.base import _run_steps
-
     with _fake_mode() if estimate else contextlib.nullcontext():
         model = factory().train()
         steps = model._chain_steps()
@@ -373,7 +372,7 @@ def block_costs(
                 t0 = time.process_time()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
-                        outs = _run_steps([step], h, *stack)
+                        outs = run_steps([step], h, *stack)
                 if rep > 0:  # the first run is the warm-up (and, in estimate mode, the only one: no times)
                     ops_at_save, recompute_at_save = recorder.at_last_save
                     timings[step.block].append((time.process_time() - t0, recorder.recompute_s,

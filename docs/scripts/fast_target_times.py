@@ -8,7 +8,7 @@ import statistics
 
 import torch
 
-from monai_ckpt.benchmark import network_factory
+from monai_ckpt.networks.presets import network_factory
 from monai_ckpt.profiling import measure_step_memory, step_time_ratios
 
 torch.set_num_threads(2)

@@ -11,7 +11,7 @@ import multiprocessing
 
 import torch
 
-from monai_ckpt.benchmark import network_factory
+from monai_ckpt.networks.presets import network_factory
 from monai_ckpt.profiling import measure_step_memory
 
 SHAPE = (2, 1, 256, 256, 256)

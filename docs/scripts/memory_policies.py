@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from monai_ckpt.benchmark import network_factory
+from monai_ckpt.networks.presets import network_factory
 from monai_ckpt.profiling import measure_step_memory, step_time_ratios
 
 LEVEL0 = [["decoder1.0", "decoder1.1"], "decoder1.2", "decoder0.0", ["decoder0.1", "decoder0.2"]]

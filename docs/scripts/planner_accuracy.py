@@ -1,7 +1,7 @@
 """docs/planner.md accuracy table: predicted peak vs the real MemTracker peak on the CPU."""
 import json, torch
 import monai_ckpt.planner as P
-from monai_ckpt.benchmark import network_factory
+from monai_ckpt.networks.presets import network_factory
 from monai_ckpt.profiling import measure_step_memory
 torch.set_num_threads(2)
 GiB = 2**30

@@ -2,7 +2,7 @@
 step-time ratios measured at 96^3 batch 1 on the CPU (interleaved, rotating order, process CPU time)."""
 import json, sys, torch
 import monai_ckpt.planner as P
-from monai_ckpt.benchmark import network_factory
+from monai_ckpt.networks.presets import network_factory
 from monai_ckpt.profiling import step_time_ratios
 torch.set_num_threads(2)
 net = network_factory("unet", 3, 1)()

@@ -1,7 +1,7 @@
 """Step-time ratios at 96^3 batch 1, CPU, of the plans and fixed policies in fixed_vs_plan.json."""
 import json, torch
 import monai_ckpt.planner as P
-from monai_ckpt.benchmark import network_factory
+from monai_ckpt.networks.presets import network_factory
 from monai_ckpt.profiling import step_time_ratios
 torch.set_num_threads(2)
 d = json.load(open("fixed_vs_plan.json"))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import monai_ckpt.planner as P
-from monai_ckpt.benchmark import network_factory
+from monai_ckpt.networks.presets import network_factory
 from monai_ckpt.networks import unet
 from monai_ckpt.profiling import measure_step_memory, step_time_ratios
 

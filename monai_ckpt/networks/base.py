@@ -1,110 +1,19 @@
-"""What the checkpoint-aware networks share: a policy attribute and a block-chain executor.
+"""What the checkpoint-aware networks share: ``checkpoint_policy``, ``checkpoint_segments()`` and the input check.
 
-A U-shaped network is run, while checkpointing, as a flat chain of steps in the parent's execution order,
-one step per block (a segment such as ``decoder0`` is one or more blocks). A step is ``fn(x, *skips) -> x``:
-it may consume skip tensors (a decoder's merge), push its output for a later step (an encoder's skip) or
-carry extra tensors to a later block of its segment (a residual branch); a side head (deep supervision) is
-``fn(x) -> head output`` and leaves ``x`` as it is. A checkpoint group of consecutive blocks becomes one call
-of `monai_ckpt.checkpoint` whose inputs are the running tensor and the skips the group consumes, and whose
-outputs are the running tensor, the skips it leaves for later and what it emits: every head output is an
-output of its checkpoint, so it gets its gradient (a side effect inside a checkpoint would silently get
-none). Groups never nest, so each block is recomputed at most once per backward, and module names never
-change: the chain only calls the parent's own modules, in the parent's order (dropout masks included).
+A network describes itself as a chain of blocks (`monai_ckpt.chain`: one `ChainStep` per block, in the parent's
+execution order) by implementing ``_chain_steps()``; `CheckpointPolicyMixin` resolves the policy into groups of
+blocks and runs the chain with them while training.
 """
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..checkpoint import checkpoint
+from ..chain import ChainStep, run_chain, segment_steps
 from ..policies import CheckpointGroup, PolicySpec, Segment, is_budget_policy, resolve_policy, validate_policy
 
 __all__ = ["ChainStep", "CheckpointPolicyMixin", "run_chain", "segment_steps"]
-
-
-@dataclass(frozen=True)
-class ChainStep:
-    """One block of a network as a step of the flat chain.
-
-    ``fn(x, *popped)`` returns the next ``x``, or ``(x, *extra)`` when ``extra`` > 0: tensors to push for a
-    later step of the same segment (a residual branch). ``push`` pushes the output itself (an encoder's skip);
-    ``emit`` marks a side head: ``fn(x)`` is emitted and ``x`` goes on unchanged.
-    """
-
-    segment: Segment
-    block: str
-    fn: Callable[..., Any]
-    pops: int = 0
-    push: bool = False
-    emit: bool = False
-    extra: int = 0
-
-
-def segment_steps(name: str, level: int, kind: str, *blocks: dict) -> list[ChainStep]:
-    """The chain steps of one segment made of ``blocks`` (each the keyword arguments of a `ChainStep`
-    without ``segment``); blocks are named ``name.0``, ``name.1``... when there are several."""
-    parts = tuple(f"{name}.{i}" for i in range(len(blocks))) if len(blocks) > 1 else ()
-    segment = Segment(name, level, kind, parts)
-    return [ChainStep(segment, block, **kw) for block, kw in zip(segment.blocks, blocks)]
-
-
-def _run_steps(steps: Sequence[ChainStep], x: torch.Tensor, *skips: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Run steps; returns ``(x, *skips left on the stack, *emitted outputs)``."""
-    stack = list(skips)
-    emitted = []
-    for step in steps:
-        if step.emit:
-            emitted.append(step.fn(x))
-            continue
-        popped = [stack.pop() for _ in range(step.pops)]
-        x = step.fn(x, *popped)
-        if step.extra:
-            x, *extra = x
-            stack += extra
-        if step.push:
-            stack.append(x)
-    return (x, *stack, *emitted)
-
-
-def _skips_needed(steps: Sequence[ChainStep]) -> int:
-    depth = need = 0
-    for step in steps:
-        depth -= step.pops
-        need = max(need, -depth)
-        depth += step.push + step.extra
-    return need
-
-
-def run_chain(
-    steps: Sequence[ChainStep], groups: Sequence[CheckpointGroup], x: torch.Tensor
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run ``steps`` on ``x``, checkpointing each group of consecutive steps as one unit.
-
-    Returns:
-        the final tensor and the emitted (side head) outputs in execution order.
-    """
-    starts = {group.names[0]: group for group in groups}
-    stack: list[torch.Tensor] = []
-    emitted: list[torch.Tensor] = []
-    i = 0
-    while i < len(steps):
-        group = starts.get(steps[i].block)
-        chunk = steps[i : i + (len(group.names) if group else 1)]
-        need = _skips_needed(chunk)
-        kept, given = stack[: len(stack) - need], stack[len(stack) - need :]
-        if group is None:
-            outs = _run_steps(chunk, x, *given)
-        else:
-            outs = checkpoint(_run_steps, chunk, x, *given, mode=group.mode)
-        n_emit = sum(step.emit for step in chunk)
-        x, pushed = outs[0], list(outs[1 : len(outs) - n_emit])
-        emitted += outs[len(outs) - n_emit :]
-        stack = kept + pushed
-        i += len(chunk)
-    return x, emitted
 
 
 class CheckpointPolicyMixin:

@@ -13,8 +13,9 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 from torch.nn.functional import interpolate
 
+from ..chain import ChainStep, run_chain, segment_steps
 from ..policies import PolicySpec
-from .base import ChainStep, CheckpointPolicyMixin, run_chain, segment_steps
+from .base import CheckpointPolicyMixin
 
 __all__ = ["CheckpointDynUNet"]
 

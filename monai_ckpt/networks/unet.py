@@ -13,9 +13,10 @@ from monai.networks.nets import UNet
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from ..checkpoint import _recomputed_by_cheap
+from ..chain import ChainStep, segment_steps
+from ..checkpoint import recomputed_by_cheap
 from ..policies import PolicySpec
-from .base import ChainStep, CheckpointPolicyMixin, segment_steps
+from .base import CheckpointPolicyMixin
 
 __all__ = ["CheckpointUNet"]
 
@@ -23,7 +24,7 @@ __all__ = ["CheckpointUNet"]
 def _residual_first(residual: nn.Module, unit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # ResidualUnit computes the residual branch first. Its conv output only meets the final addition, whose
     # backward needs neither input: a "cheap" checkpoint recomputes it rather than keep it.
-    with _recomputed_by_cheap():
+    with recomputed_by_cheap():
         res = residual(x)
     return unit(x), res
 

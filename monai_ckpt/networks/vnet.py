@@ -10,8 +10,9 @@ from monai.networks.nets import VNet
 from monai.utils import deprecated_arg
 from torch import nn
 
+from ..chain import ChainStep, segment_steps
 from ..policies import PolicySpec
-from .base import ChainStep, CheckpointPolicyMixin, segment_steps
+from .base import CheckpointPolicyMixin
 
 __all__ = ["CheckpointVNet"]
 

@@ -1,0 +1,34 @@
+"""Datasets, data checks and safe writing of outputs for the bundles.
+
+- ``monai_ckpt/data/checks.py``: `check_datalist`, `load_checked_datalist` and `DataCheckError`: a dataset is
+  validated before anything is trained or written; one error names every bad file.
+- ``monai_ckpt/data/datasets.py``: `make_brain_tissue_dataset` (4 classes, derived from the MNI ICBM152 2009a
+  template), `make_synthetic_dataset` and `make_multichannel_dataset`, in Medical Segmentation Decathlon layout.
+- ``monai_ckpt/data/writers.py``: `AtomicNibabelWriter` (a ``SaveImaged`` writer) and `save_nifti_atomic`: an
+  interrupted run never leaves a half-written segmentation.
+- ``monai_ckpt/data/overlay.py``: `save_overlay_png` and `save_bundle_overlay`.
+- ``monai_ckpt/data/cli.py``: ``python -m monai_ckpt.data brain-tissue|synthetic|check ...``.
+"""
+
+from ..io import atomic_path
+from .checks import DataCheckError, check_datalist, load_checked_datalist
+from .cli import main
+from .datasets import BRAIN_TISSUE_LABELS, make_brain_tissue_dataset, make_multichannel_dataset, make_synthetic_dataset
+from .overlay import save_bundle_overlay, save_overlay_png
+from .writers import AtomicNibabelWriter, save_nifti_atomic
+
+__all__ = [
+    "BRAIN_TISSUE_LABELS",
+    "AtomicNibabelWriter",
+    "DataCheckError",
+    "atomic_path",
+    "check_datalist",
+    "load_checked_datalist",
+    "main",
+    "make_brain_tissue_dataset",
+    "make_multichannel_dataset",
+    "make_synthetic_dataset",
+    "save_bundle_overlay",
+    "save_nifti_atomic",
+    "save_overlay_png",
+]

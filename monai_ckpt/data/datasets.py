@@ -1,0 +1,348 @@
+"""Datasets in Medical Segmentation Decathlon layout, made reproducibly from a seed.
+
+- `make_brain_tissue_dataset`: a small 4-class brain-tissue dataset (0 background, 1 CSF/other, 2 grey matter,
+  3 white matter) derived from the MNI ICBM152 2009a template. Every subject is the template under a seeded
+  spatial transform (rotation, anisotropic scaling, translation, smooth elastic displacement), resampled to a
+  2 mm grid cropped at a random offset, with seeded intensity augmentation (multiplicative bias field, gamma,
+  contrast, noise). The same arguments give the same arrays and, on the same platform, the same bytes.
+- `make_synthetic_dataset`: tiny nested-ellipsoid volumes, for tests and smoke runs.
+- `make_multichannel_dataset`: the same as 4D multi-modal images (MSD Task01/Task05 layout), anisotropic voxels,
+  cases stored in several orientations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..io import atomic_path
+from .writers import save_nifti_atomic
+
+__all__ = ["BRAIN_TISSUE_LABELS", "make_brain_tissue_dataset", "make_multichannel_dataset", "make_synthetic_dataset"]
+
+BRAIN_TISSUE_LABELS = {"0": "background", "1": "CSF/other", "2": "grey matter", "3": "white matter"}
+MNI152_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+
+def _write_dataset_json(output: Path, name: str, description: str, labels: Mapping[str, str], modality: str,
+                        training: list[dict], test: list[str], extra: Mapping[str, Any] | None = None) -> None:
+    meta = {
+        "name": name,
+        "description": description,
+        "tensorImageSize": "3D",
+        "modality": {"0": modality},
+        "labels": dict(labels),
+        "numTraining": len(training),
+        "numTest": len(test),
+        "training": training,
+        "test": test,
+        **(extra or {}),
+    }
+    with atomic_path(output / "dataset.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of a (N, C, D, H, W) tensor, sigma in voxels."""
+    radius = max(1, math.ceil(2.5 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    for dim in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + dim] = k.numel()
+        pad = [0] * 6
+        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
+        x = F.conv3d(F.pad(x, pad, mode="replicate"), k.reshape(shape).repeat(c, 1, 1, 1, 1), groups=c)
+    return x
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _brain_subject(src: torch.Tensor, src_affine: np.ndarray, rng: np.random.Generator, spacing: float,
+                   shape: tuple[int, int, int], center: np.ndarray, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One augmented subject: (uint8 image, uint8 label, affine of its grid)."""
+    # output grid: ``shape`` voxels of ``spacing`` mm, RAS, centred near the brain centre
+    offset = center + rng.uniform(-8, 8, 3) - spacing * (np.array(shape) - 1) / 2
+    out_affine = np.diag([spacing, spacing, spacing, 1.0])
+    out_affine[:3, 3] = np.round(offset, 3)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    world = idx * spacing + out_affine[:3, 3]
+    # subject -> template: rotation, anisotropic scaling about the brain centre, translation, elastic displacement
+    lin = _rotation(np.deg2rad(rng.uniform(-10, 10, 3))) @ np.diag(rng.uniform(0.9, 1.1, 3))
+    src_world = (world - center) @ lin.T + center + rng.uniform(-4, 4, 3)
+    coarse = torch.from_numpy(rng.normal(0, 2.0, (1, 3, 5, 5, 5)))  # mm, on a 5^3 control grid
+    disp = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)[0].reshape(3, -1).T.numpy()
+    src_world = src_world + disp
+    src_vox = (src_world - src_affine[:3, 3]) @ np.linalg.inv(src_affine[:3, :3]).T
+    sizes = np.array(src.shape[2:])
+    norm = 2 * src_vox / (sizes - 1) - 1  # grid_sample, align_corners=True
+    grid = torch.from_numpy(norm[:, ::-1].copy()).float().reshape(1, *shape, 3)  # (x, y, z) = (W, H, D)
+    warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0].numpy()
+    t1, gm, wm, mask = warped
+    # labels: brain mask from the template's T1 > 0; inside it the most probable of CSF/other, GM, WM
+    other = np.clip(1 - gm - wm, 0, 1)
+    label = np.where(mask >= 0.5, np.argmax(np.stack([other, gm, wm]), 0) + 1, 0).astype(np.uint8)
+    # intensity: smooth multiplicative bias field, gamma, contrast, Rician-like noise in the brain
+    coords = (idx - (np.array(shape) - 1) / 2) / (np.array(shape) / 2)
+    terms = np.concatenate([coords, coords**2, coords[:, [0]] * coords[:, [1]], coords[:, [1]] * coords[:, [2]]], 1)
+    bias = np.exp(terms @ rng.uniform(-0.12, 0.12, terms.shape[1])).reshape(shape)
+    img = np.clip(t1, 0, 1) ** rng.uniform(0.8, 1.25) * rng.uniform(0.85, 1.05) * bias
+    # noise inside the head only: the template is skull-stripped, and a noisy background would triple file sizes
+    n1, n2 = rng.normal(0, noise, (2, *shape)) * (mask >= 0.5)
+    img = np.sqrt((img + n1) ** 2 + n2**2)
+    image = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
+    return image, label, out_affine
+
+
+def make_brain_tissue_dataset(
+    source_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    num_training: int = 6,
+    num_test: int = 2,
+    seed: int = 0,
+    spacing: float = 2.0,
+    noise: float = 0.01,
+    subjects: Sequence[int] | None = None,
+) -> Path:
+    """Derive the 4-class brain-tissue dataset from the MNI ICBM152 2009a template, in MSD layout.
+
+    Labels: 0 background (outside the template's brain mask ``T1 > 0``), and inside it the most probable of
+    1 CSF/other (probability ``1 - p_GM - p_WM``: ventricles, sulcal CSF, deep structures the tissue maps give
+    to neither), 2 grey matter, 3 white matter, the probability maps warped with the image. Subject ``i`` uses
+    the random stream ``(seed, i)`` only, so any subset can be regenerated and compared with the full dataset.
+    A ``NOTICE.md`` with the template's copyright notice and terms of use (from the source's) is written with it.
+
+    Args:
+        source_dir: folder with the template files (see ``MNI152_FILES``) and ``NOTICE.md``.
+        output_dir: dataset folder to write (``dataset.json``, ``imagesTr/``, ``labelsTr/``, ``imagesTs/``).
+        num_training: labelled subjects (``imagesTr``/``labelsTr``).
+        num_test: unlabelled subjects (``imagesTs``).
+        seed: random seed.
+        spacing: output voxel size in mm.
+        noise: noise standard deviation, as a fraction of the intensity range.
+        subjects: write only these subject indices (0 .. num_training + num_test - 1); all by default.
+
+    Returns:
+        The dataset folder.
+    """
+    source, output = Path(source_dir), Path(output_dir)
+    vols, src_affine = [], None
+    for key in ("t1", "gm", "wm"):
+        img = nib.load(source / MNI152_FILES[key])
+        vols.append(np.asarray(img.dataobj, dtype=np.float32) / 255.0)
+        src_affine = img.affine if src_affine is None else src_affine
+    mask = (vols[0] > 0).astype(np.float32)
+    src = torch.from_numpy(np.stack([*vols, mask]))[None]
+    # anti-aliasing before sampling the 1 mm template on a coarser grid
+    src = _smooth(src, sigma=0.4 * spacing / float(abs(src_affine[0, 0])))
+    idx = np.argwhere(mask > 0)
+    center = (idx.min(0) + idx.max(0)) / 2 @ src_affine[:3, :3].T + src_affine[:3, 3]
+    total = num_training + num_test
+    wanted = range(total) if subjects is None else subjects
+    for d in ("imagesTr", "labelsTr", "imagesTs"):
+        (output / d).mkdir(parents=True, exist_ok=True)
+    training, test = [], []
+    for i in range(total):
+        name = f"brain_{i:03d}.nii.gz"
+        if i < num_training:
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        else:
+            test.append(f"./imagesTs/{name}")
+        if i not in wanted:
+            continue
+        rng = np.random.default_rng([seed, i])
+        shape = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in ((60, 68), (72, 80), (60, 68)))
+        image, label, affine = _brain_subject(src, src_affine, rng, spacing, shape, center, noise)
+        folder = "imagesTr" if i < num_training else "imagesTs"
+        save_nifti_atomic(_nifti(image, affine), output / folder / name)
+        if i < num_training:
+            save_nifti_atomic(_nifti(label, affine), output / "labelsTr" / name)
+    _write_dataset_json(
+        output, "MNI152 brain tissue",
+        f"4-class brain tissue segmentation derived from the MNI ICBM152 2009a nonlinear symmetric template "
+        f"(T1, GM/WM probability maps): {total} subjects made by seeded spatial and intensity augmentation "
+        f"(seed {seed}), {spacing:g} mm. Generated by `python -m monai_ckpt.data brain-tissue`. "
+        "See NOTICE.md for the template's terms of use.",
+        BRAIN_TISSUE_LABELS, "T1", training, test,
+        {"reference": "MNI ICBM152 2009a, McConnell Brain Imaging Centre, Montreal Neurological Institute",
+         "licence": "see NOTICE.md", "release": f"seed {seed}"},
+    )
+    notice = (source / "NOTICE.md").read_text() if (source / "NOTICE.md").is_file() else ""
+    with atomic_path(output / "NOTICE.md") as tmp:
+        tmp.write_text(
+            "# Notice\n\nThe images and labels in this folder are derived from the MNI ICBM152 2009a nonlinear "
+            "symmetric template\n(T1 and grey/white-matter probability maps; McConnell Brain Imaging Centre, "
+            "Montreal Neurological Institute)\nby `python -m monai_ckpt.data brain-tissue` "
+            f"(seed {seed}, {spacing:g} mm; see monai_ckpt/data/datasets.py). They carry the\ntemplate's copyright notice "
+            "and terms of use, reproduced below from the source's NOTICE.md.\n\n---\n\n" + notice)
+    return output
+
+
+def _nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def _ellipsoid_grid(shape: Sequence[int], output: Path) -> np.ndarray:
+    """Coordinates in [-1, 1] of every voxel of ``shape``; also creates the MSD folders under ``output``."""
+    for d in ("imagesTr", "labelsTr", "imagesTs"):
+        (output / d).mkdir(parents=True, exist_ok=True)
+    return np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
+
+
+def _nested_ellipsoids(grid: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """A label volume of random nested ellipsoids: class ``k`` inside class ``k - 1``."""
+    label = np.zeros(grid.shape[:-1], np.uint8)
+    center = rng.uniform(-0.15, 0.15, 3)
+    for k in range(1, num_classes):
+        radii = rng.uniform(0.75, 0.9, 3) * (1 - (k - 1) / num_classes)
+        label[(((grid - center) / radii) ** 2).sum(-1) <= 1] = k
+    return label
+
+
+def make_synthetic_dataset(
+    output_dir: str | os.PathLike,
+    num_training: int = 3,
+    num_test: int = 1,
+    shape: Sequence[int] = (32, 32, 32),
+    num_classes: int = 4,
+    seed: int = 0,
+    spacing: float = 1.5,
+    intensities: Sequence[float] | None = None,
+    noise: float = 0.05,
+    test_orientation: str = "LPS",
+) -> Path:
+    """Tiny volumes in MSD layout: nested random ellipsoids, class ``k`` inside class ``k - 1``, each class with
+    its own mean intensity, plus Gaussian noise. Test images are stored in ``test_orientation`` (LPS by default,
+    the training ones in RAS), so a pipeline that writes outputs with its input's affine can be checked.
+
+    Args:
+        output_dir: dataset folder to write.
+        num_training: labelled volumes.
+        num_test: unlabelled volumes.
+        shape: spatial size.
+        num_classes: classes including background.
+        seed: random seed.
+        spacing: voxel size in mm.
+        intensities: mean intensity per class; by default ``0, 1, ..., num_classes - 1`` scaled to [0, 1].
+        noise: noise standard deviation, relative to the intensity range.
+        test_orientation: axis codes of the test images (``"RAS"``, ``"LPS"``, ...).
+    """
+    output = Path(output_dir)
+    rng = np.random.default_rng(seed)
+    means = np.asarray(intensities if intensities is not None else np.linspace(0, 1, num_classes), dtype=np.float32)
+    grid = _ellipsoid_grid(shape, output)
+    training, test = [], []
+    for i in range(num_training + num_test):
+        label = _nested_ellipsoids(grid, num_classes, rng)
+        span = float(means.max() - means.min()) or 1.0
+        image = (means[label] + rng.normal(0, noise * span, shape)).astype(np.float32)
+        affine = np.diag([spacing, spacing, spacing, 1.0])
+        affine[:3, 3] = rng.uniform(-20, 20, 3).round(2)
+        name = f"case_{i:03d}.nii.gz"
+        if i < num_training:
+            save_nifti_atomic(_nifti(image, affine), output / "imagesTr" / name)
+            save_nifti_atomic(_nifti(label, affine), output / "labelsTr" / name)
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        else:
+            img = _nifti(image, affine)
+            ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                                   nib.orientations.axcodes2ornt(tuple(test_orientation)))
+            save_nifti_atomic(img.as_reoriented(ornt), output / "imagesTs" / name)
+            test.append(f"./imagesTs/{name}")
+    labels = {str(k): ("background" if k == 0 else f"class {k}") for k in range(num_classes)}
+    _write_dataset_json(output, "synthetic", "nested ellipsoids (monai_ckpt.data.make_synthetic_dataset)", labels,
+                        "synthetic", training, test)
+    return output
+
+
+def make_multichannel_dataset(
+    output_dir: str | os.PathLike,
+    num_training: int = 3,
+    num_test: int = 1,
+    shape: Sequence[int] = (32, 32, 16),
+    modalities: Sequence[str] = ("T2", "ADC"),
+    num_classes: int = 3,
+    seed: int = 0,
+    spacing: Sequence[float] = (1.0, 1.0, 2.5),
+    orientations: Sequence[str] = ("RAS", "LPS"),
+    noise: float = 0.05,
+    labels: Mapping[str, str] | None = None,
+    name: str = "synthetic multi-channel",
+) -> Path:
+    """Tiny multi-modal volumes in the layout of the Medical Segmentation Decathlon's multi-modal tasks
+    (Task01_BrainTumour, Task05_Prostate): each image one 4D NIfTI ``(X, Y, Z, C)`` with the modalities as the
+    last axis, labels 3D, ``dataset.json`` with ``tensorImageSize: "4D"`` and one ``modality`` entry per channel.
+
+    The label holds nested random ellipsoids (value ``k`` inside value ``k - 1``); every channel gives each
+    class its own mean intensity (a per-channel random order of ``0 .. 1``), plus Gaussian noise. The voxels are
+    ``spacing`` mm (anisotropic by default), and case ``i`` is stored in orientation
+    ``orientations[i % len(orientations)]`` (image and label alike), so pipelines that reorient and resample
+    are exercised; test images (``imagesTs``) continue the same cycle.
+
+    Args:
+        output_dir: dataset folder to write.
+        num_training: labelled volumes.
+        num_test: unlabelled volumes.
+        shape: spatial size, in RAS voxel order before reorientation.
+        modalities: channel names, one channel each.
+        num_classes: label values ``0 .. num_classes - 1``.
+        seed: random seed.
+        spacing: voxel size in mm per RAS axis.
+        orientations: axis codes per case, cycled (``"RAS"``, ``"LPS"``, ``"PIR"``, ...).
+        noise: noise standard deviation, relative to the intensity range.
+        labels: the ``labels`` of ``dataset.json``; by default ``background``, ``class 1``, ...
+        name: the ``name`` of ``dataset.json``.
+    """
+    output = Path(output_dir)
+    rng = np.random.default_rng(seed)
+    channels = len(modalities)
+    means = np.stack([rng.permutation(np.linspace(0, 1, num_classes)) for _ in range(channels)], -1)
+    grid = _ellipsoid_grid(shape, output)
+    training, test = [], []
+    for i in range(num_training + num_test):
+        label = _nested_ellipsoids(grid, num_classes, rng)
+        image = (means[label] + rng.normal(0, noise, (*shape, channels))).astype(np.float32)
+        affine = np.diag([*map(float, spacing), 1.0])
+        affine[:3, 3] = rng.uniform(-20, 20, 3).round(2)
+        ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                               nib.orientations.axcodes2ornt(tuple(orientations[i % len(orientations)])))
+        file = f"case_{i:03d}.nii.gz"
+        if i < num_training:
+            save_nifti_atomic(_nifti(image, affine).as_reoriented(ornt), output / "imagesTr" / file)
+            save_nifti_atomic(_nifti(label, affine).as_reoriented(ornt), output / "labelsTr" / file)
+            training.append({"image": f"./imagesTr/{file}", "label": f"./labelsTr/{file}"})
+        else:
+            save_nifti_atomic(_nifti(image, affine).as_reoriented(ornt), output / "imagesTs" / file)
+            test.append(f"./imagesTs/{file}")
+    labels = dict(labels) if labels is not None else {
+        str(k): ("background" if k == 0 else f"class {k}") for k in range(num_classes)}
+    _write_dataset_json(output, name, "nested ellipsoids, one 4D NIfTI per case with the modalities as channels "
+                        "(monai_ckpt.data.make_multichannel_dataset)", labels, "", training, test,
+                        {"tensorImageSize": "4D", "modality": {str(c): m for c, m in enumerate(modalities)}})
+    return output

@@ -1,0 +1,53 @@
+"""The named network configurations that the benchmark and planner CLIs build (``--network unet|vnet|dynunet``).
+
+A new network is added here as ``name -> (MONAI class, monai_ckpt class, constructor kwargs)``; both CLIs, the
+docs' scripts and the scenario presets pick it up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+__all__ = ["NETWORKS", "network_factory", "padded_shape"]
+
+
+def _unet(spatial_dims: int, in_channels: int) -> dict:
+    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2,
+                channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+
+
+def _vnet(spatial_dims: int, in_channels: int) -> dict:
+    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2)
+
+
+def _dynunet(spatial_dims: int, in_channels: int) -> dict:
+    """nnU-Net-like: 6 levels, filters 32..320, instance norm, leaky ReLU, deep supervision."""
+    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2, kernel_size=[3] * 6,
+                strides=[1, 2, 2, 2, 2, 2], upsample_kernel_size=[2] * 5, filters=(32, 64, 128, 256, 320, 320),
+                norm_name=("INSTANCE", {"affine": True}), deep_supervision=True, deep_supr_num=2)
+
+
+# name -> (MONAI class name, monai_ckpt class name, constructor kwargs for (spatial_dims, in_channels))
+NETWORKS: dict[str, tuple[str, str, Callable[[int, int], dict]]] = {
+    "unet": ("UNet", "CheckpointUNet", _unet),
+    "vnet": ("VNet", "CheckpointVNet", _vnet),
+    "dynunet": ("DynUNet", "CheckpointDynUNet", _dynunet),
+}
+
+
+def network_factory(
+    network: str, spatial_dims: int, in_channels: int, policy: object = "none"
+) -> Callable[[], nn.Module]:
+    """A factory of the monai_ckpt network ``network`` as the benchmark builds it."""
+    from .. import networks
+
+    _, child_name, make_kwargs = NETWORKS[network]
+    return lambda: getattr(networks, child_name)(**make_kwargs(spatial_dims, in_channels), checkpoint_policy=policy)
+
+
+def padded_shape(network: str, shape: Sequence[int], in_channels: int) -> tuple[int, ...]:
+    """``shape`` padded up to the next size the network takes."""
+    multiple = network_factory(network, len(shape), in_channels)().size_multiple()
+    return tuple(-(-int(s) // m) * m for s, m in zip(shape, multiple))
