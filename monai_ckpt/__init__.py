@@ -1,7 +1,7 @@
 """monai-ckpt: correct, planned and measured gradient checkpointing for MONAI's 3D segmentation networks."""
 
 from .checkpoint import CHECKPOINT_MODES, CheckpointedSequential, checkpoint, checkpoint_submodules
-from .networks import CheckpointDynUNet, CheckpointUNet, CheckpointVNet
+from .networks import CheckpointDynUNet, CheckpointUNet, CheckpointVNet, InputShapeError
 from .planner import Plan, plan
 from .policies import CheckpointGroup, Segment, resolve_policy, validate_policy
 
@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointUNet",
     "CheckpointVNet",
     "CheckpointedSequential",
+    "InputShapeError",
     "Plan",
     "Segment",
     "checkpoint",

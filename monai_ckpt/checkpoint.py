@@ -12,6 +12,13 @@ It is always non-reentrant, preserves the RNG state (dropout masks are identical
 makes the recomputation leave BatchNorm running statistics and ``num_batches_tracked`` untouched (see
 `_BatchNormGuard`). Without autograd (``torch.no_grad()``, ``inference_mode()``), or for a module in
 ``eval()`` mode, it is a plain call.
+
+Under ``torch.compile`` the same call is traced: Dynamo turns the region into torch's activation-checkpoint
+operator and the compiler's partitioner recomputes it in the compiled backward ("full": every op of the
+region; "cheap": the same selective policy). There the recomputation is a copy of functional graph nodes,
+which never writes BatchNorm's buffers (the update is one copy back at the end of the compiled forward), so
+no guard is needed, and inductor replays random ops from the same seeds. "offload" cannot be traced
+(``saved_tensors_hooks``): it runs eagerly between compiled graphs, a graph break.
 """
 
 from __future__ import annotations
@@ -161,6 +168,19 @@ def _unpack_from_cpu(packed: Any) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
+def _offloaded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with torch.autograd.graph.saved_tensors_hooks(_pack_to_cpu, _unpack_from_cpu):
+        return fn(*args, **kwargs)
+
+
+_offloaded_outside_the_graph = torch.compiler.disable(
+    _offloaded,
+    reason="monai_ckpt: mode 'offload' moves saved tensors with torch.autograd.graph.saved_tensors_hooks, which "
+    "torch.compile does not trace: an offloaded group runs eagerly between compiled graphs (a graph break, so not "
+    "under fullgraph=True); use mode 'full' or 'cheap' there.",
+)
+
+
 def checkpoint(
     fn: Callable[..., Any], *args: Any, mode: str = "full", preserve_rng_state: bool = True, **kwargs: Any
 ) -> Any:
@@ -184,13 +204,21 @@ def checkpoint(
     """
     if mode not in CHECKPOINT_MODES:
         raise ValueError(f"unknown checkpoint mode {mode!r}; valid modes are {', '.join(CHECKPOINT_MODES)}.")
-    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+    if not torch.is_grad_enabled():  # inference_mode() disables grad mode too
         return fn(*args, **kwargs)
     if isinstance(fn, nn.Module) and not fn.training:
         return fn(*args, **kwargs)
     if mode == "offload":
-        with torch.autograd.graph.saved_tensors_hooks(_pack_to_cpu, _unpack_from_cpu):
-            return fn(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return _offloaded_outside_the_graph(fn, *args, **kwargs)
+        return _offloaded(fn, *args, **kwargs)
+    if torch.compiler.is_compiling():
+        # torch.compile traces the region into its joint graph and lets its partitioner recompute it: the
+        # recompute context must be the pair of TorchDispatchModes of selective checkpointing (or none at all),
+        # and BatchNorm needs no guard, since the recomputed nodes are functional and do not write buffers.
+        context = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _cheap_policy)}
+        return _torch_checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
+                                 **(context if mode == "cheap" else {}), **kwargs)
     return _torch_checkpoint(
         fn,
         *args,

@@ -2,13 +2,15 @@
 
 import copy
 import io
+import re
 import sys
 
 import pytest
 import torch
+from monai.networks import eval_mode
 from monai.networks.nets import DynUNet, UNet, VNet
 
-from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet
+from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet, InputShapeError
 from helpers import assert_same_training, count_conv_calls
 
 
@@ -221,17 +223,36 @@ def test_bad_policy_and_input_shape_are_clear_errors(case):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("size", [8, 12, 15, 16, 18, 20, 24, 30, 32])
 def test_input_size_check_agrees_with_the_parent(case, size):
-    """We reject exactly the spatial sizes the parent cannot run, with a message that says what would be right."""
+    """In training we reject exactly the spatial sizes the parent cannot run, with an error that says what would be
+    right and that code written for the parent still catches (a RuntimeError too); outside training the parent's
+    forward runs untouched: the same output, or the parent's own error."""
     parent_cls, child_cls, kw, shape = CASES[case]
+    torch.manual_seed(0)
     parent, child = parent_cls(**kw).eval(), child_cls(**kw).eval()
-    x = torch.randn(1, shape[1], size, *shape[3:])
+    child.load_state_dict(parent.state_dict())
+    x = torch.randn(2, shape[1], size, *shape[3:])
     try:
         expected = parent(x)
-    except (RuntimeError, ValueError):
-        with pytest.raises(ValueError, match=r"cannot take spatial size .* must be a multiple of .* e\.g\. pad to"):
+    except (RuntimeError, ValueError) as err:
+        with pytest.raises(type(err), match=re.escape(str(err))):
             child(x)
+        with pytest.raises(InputShapeError, match=r"cannot take spatial size .* must be a multiple of .* e\.g\. pad to") as ours:
+            child.train()(x)
+        assert isinstance(ours.value, ValueError) and isinstance(ours.value, RuntimeError)
     else:
-        assert child(x).shape == expected.shape
+        torch.testing.assert_close(child(x), expected, atol=0, rtol=0)
+        assert child.train()(x).shape == parent.train()(x).shape
+
+
+def test_eval_error_of_an_ill_shaped_input_is_the_parents():
+    """MONAI's tests/networks/nets/test_unet.py (test_ill_input_shape), on the subclass: eval mode raises the
+    parent's RuntimeError; training raises ours, which the same except clause catches."""
+    net = CheckpointUNet(spatial_dims=2, in_channels=1, out_channels=3, channels=(16, 32, 64), strides=(2, 2))
+    with eval_mode(net):
+        with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+            net.forward(torch.randn(2, 1, 16, 5))
+    with pytest.raises(RuntimeError, match=r"cannot take spatial size \(16, 5\).*pad to \(16, 8\)"):
+        net.train().forward(torch.randn(2, 1, 16, 5))
 
 
 def test_vnet_deprecated_dropout_prob_behaves_like_the_parent():

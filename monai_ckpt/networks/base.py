@@ -13,7 +13,13 @@ from torch import nn
 from ..chain import ChainStep, run_chain, segment_steps
 from ..policies import CheckpointGroup, PolicySpec, Segment, is_budget_policy, resolve_policy, validate_policy
 
-__all__ = ["ChainStep", "CheckpointPolicyMixin", "run_chain", "segment_steps"]
+__all__ = ["ChainStep", "CheckpointPolicyMixin", "InputShapeError", "run_chain", "segment_steps"]
+
+
+class InputShapeError(ValueError, RuntimeError):
+    """A training input the network cannot take (wrong rank, channels or spatial size). It is a ValueError (a bad
+    argument) and a RuntimeError, which is what MONAI's parent networks raise for such inputs (``Sizes of tensors
+    must match``), so code written for the parent still catches it."""
 
 
 class CheckpointPolicyMixin:
@@ -34,20 +40,29 @@ class CheckpointPolicyMixin:
     def _accepts(self, sizes: tuple[int, ...]) -> bool:
         """Whether the parent can run this spatial size; networks refine this when the parent accepts more
         than the multiples of `size_multiple`."""
-        return not any(s % m for s, m in zip(sizes, self.size_multiple()))
+        for s, m in zip(sizes, self.size_multiple()):
+            if s % m:
+                return False
+        return True
 
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError that says what is wrong and what would be right when the parent cannot take ``x``."""
-        name, multiple, in_channels = type(self).__name__, self.size_multiple(), self.in_channels  # type: ignore[attr-defined]
-        expected = f"(batch, {in_channels}, " + ", ".join(f"k*{m}" for m in multiple) + ")"
+        """In training, raise an `InputShapeError` that says what is wrong and what would be right when the
+        parent cannot take ``x``. Outside training it does nothing: the parent's forward runs untouched and
+        fails (or not) exactly as the parent does. Plain loops and ints only, so that Dynamo traces it
+        (``torch.compile(net, fullgraph=True)``)."""
+        if not self.training:  # type: ignore[attr-defined]
+            return
+        multiple, in_channels = self.size_multiple(), self.in_channels  # type: ignore[attr-defined]
         if x.ndim != len(multiple) + 2 or x.shape[1] != in_channels:
-            raise ValueError(f"{name} expects an input of shape {expected}, got {tuple(x.shape)}.")
-        sizes = tuple(int(s) for s in x.shape[2:])
+            expected = f"(batch, {in_channels}, " + ", ".join([f"k*{m}" for m in multiple]) + ")"
+            raise InputShapeError(f"{type(self).__name__} expects an input of shape {expected}, got {tuple(x.shape)}.")
+        sizes = tuple(x.shape[2:])
         if not self._accepts(sizes):
-            fixed = tuple(max(m, -(-s // m) * m) for s, m in zip(sizes, multiple))
-            raise ValueError(
-                f"{name} cannot take spatial size {sizes}: each spatial size must be a multiple of "
+            sizes = tuple([int(s) for s in sizes])
+            fixed = tuple([max(m, -(-s // m) * m) for s, m in zip(sizes, multiple)])
+            raise InputShapeError(
+                f"{type(self).__name__} cannot take spatial size {sizes}: each spatial size must be a multiple of "
                 f"{tuple(multiple)} (the product of its strides), e.g. pad to {fixed} "
                 "(monai.transforms.DivisiblePad or a sliding-window roi_size of such a size)."
             )
@@ -92,16 +107,47 @@ class CheckpointPolicyMixin:
     @torch.jit.unused
     def _use_plan(self, x: torch.Tensor) -> None:
         """Plan for this input (once per shape, dtype and autocast state) and use the plan's groups."""
-        amp = torch.is_autocast_enabled(x.device.type)
-        key = (tuple(x.shape), x.dtype, amp)
+        key = _plan_key(x)
         if key not in self._checkpoint_plans:
-            from ..planner import plan_for_network
-
-            plan = plan_for_network(self, x, amp, self._checkpoint_spec)
-            self._checkpoint_plans[key] = (plan, resolve_policy(plan.policy, self.checkpoint_segments()))
+            if torch.compiler.is_compiling():
+                _plan_outside_the_graph(self, x)
+            else:
+                self.plan_checkpoints(x)
         nn.Module.__setattr__(self, "_checkpoint_plan_key", key)
         nn.Module.__setattr__(self, "_checkpoint_groups", self._checkpoint_plans[key][1])
 
     @torch.jit.unused
+    def plan_checkpoints(self, x: torch.Tensor) -> Any:
+        """With a ``{"budget_gb": X}`` policy, plan now for training inputs shaped like ``x`` (same shape, dtype
+        and autocast state) instead of on the first training forward, and return the
+        `monai_ckpt.planner.Plan`. Needed before ``torch.compile(net, fullgraph=True)``: planning measures the
+        network, which cannot happen inside a compiled graph (without fullgraph it runs at a graph break).
+        Only the shape, dtype and device of ``x`` matter."""
+        if not is_budget_policy(self._checkpoint_spec):
+            raise ValueError(f"plan_checkpoints needs a {{'budget_gb': X}} checkpoint_policy, not {self._checkpoint_spec!r}.")
+        key = _plan_key(x)
+        if key not in self._checkpoint_plans:
+            from ..planner import plan_for_network
+
+            # planning runs the network: it must not move the RNG, or this step's dropout masks would change
+            devices = [] if x.device.type == "cpu" else [x.device]
+            with torch.random.fork_rng(devices=devices, device_type=x.device.type):
+                plan = plan_for_network(self, x, key[2], self._checkpoint_spec)
+            self._checkpoint_plans[key] = (plan, resolve_policy(plan.policy, self.checkpoint_segments()))
+        return self._checkpoint_plans[key][0]
+
+    @torch.jit.unused
     def _checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_chain(self._chain_steps(), self._checkpoint_groups, x)[0]
+
+
+def _plan_key(x: torch.Tensor) -> tuple:
+    return tuple(x.shape), x.dtype, torch.is_autocast_enabled(x.device.type)
+
+
+_plan_outside_the_graph = torch.compiler.disable(
+    CheckpointPolicyMixin.plan_checkpoints,
+    reason="monai_ckpt: a {'budget_gb': X} policy plans by measuring the network, which cannot run inside a "
+    "compiled graph: it plans at a graph break on the first compiled training forward of each input shape. "
+    "Under torch.compile(fullgraph=True) call net.plan_checkpoints(x) before the first step.",
+)

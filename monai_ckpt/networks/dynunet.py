@@ -152,14 +152,15 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
             if min(levels) < 1:
                 return False
             # the up block of level i upsamples level i+2 by strides[i+1] and merges level i+1
-            if any(levels[i + 2] * strides[i + 1][d] != levels[i + 1] for i in range(len(strides) - 1)):
-                return False
+            for i in range(len(strides) - 1):
+                if levels[i + 2] * strides[i + 1][d] != levels[i + 1]:
+                    return False
         return True
 
     def size_multiple(self) -> tuple[int, ...]:
         """What each spatial input size should be a multiple of (the product of the strides)."""
         strides = [ensure_tuple_rep(s, self.spatial_dims) for s in self.strides]
-        return tuple(math.prod(int(s[d]) for s in strides) for d in range(self.spatial_dims))
+        return tuple([math.prod([int(s[d]) for s in strides]) for d in range(self.spatial_dims)])
 
 
     @torch.jit.unused

@@ -136,7 +136,7 @@ class CheckpointUNet(CheckpointPolicyMixin, UNet):
         return steps
 
     def _per_dim_strides(self) -> list[tuple[int, ...]]:
-        return [tuple(int(s) for s in ensure_tuple_rep(st, self.dimensions)) for st in self.strides[: len(self.channels) - 1]]
+        return [tuple([int(s) for s in ensure_tuple_rep(st, self.dimensions)]) for st in self.strides[: len(self.channels) - 1]]
 
     def _accepts(self, sizes: tuple[int, ...]) -> bool:
         """Whether the parent can run this spatial size: a strided conv gives ceil(n / s) and its transposed
@@ -151,7 +151,8 @@ class CheckpointUNet(CheckpointPolicyMixin, UNet):
 
     def size_multiple(self) -> tuple[int, ...]:
         """What each spatial input size should be a multiple of (the product of the strides)."""
-        return tuple(math.prod(s[d] for s in self._per_dim_strides()) for d in range(self.dimensions))
+        per_dim = self._per_dim_strides()
+        return tuple([math.prod([s[d] for s in per_dim]) for d in range(self.dimensions)])
 
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
