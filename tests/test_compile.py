@@ -6,13 +6,13 @@ Compiling is slow on a small CI host: a few tiny networks, each compiled once an
 """
 
 import copy
+import os
 
 import pytest
 import torch
 from monai.networks.nets import DynUNet, UNet, VNet
 
-from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet
-from helpers import train_steps
+from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet, InputShapeError
 
 UNET = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=1,
             norm="batch", dropout=0.2)
@@ -22,18 +22,23 @@ DYNUNET = dict(spatial_dims=3, in_channels=1, out_channels=2, kernel_size=[3] * 
                upsample_kernel_size=[2] * 2, filters=[4, 8, 16], norm_name="batch", dropout=0.1)
 DYNUNET_DS = dict(DYNUNET, deep_supervision=True, deep_supr_num=1, res_block=True)
 
-# network, policy (one of each kind), input shape, fullgraph, backend. VNet's graph is long: inductor takes minutes
-# to generate its kernels on 2 cores, so here it stops one step short of code generation (the same Dynamo trace,
-# joint graph, decompositions and min-cut partitioner as inductor, where recomputation and BatchNorm updates are
-# decided); docs/scripts/compile_benchmark.py runs VNet under inductor.
+# network, policy (one of each kind but the budget, which test_what_torch_cannot_trace... covers), input shape,
+# backend. inductor takes 30-200 s per network to generate kernels on 2 busy cores, so only the UNet uses it here;
+# the others stop one step short of code generation: the same Dynamo trace, joint graph, decompositions and
+# min-cut partitioner as inductor, where recomputation, RNG replay and BatchNorm updates are decided. Every case
+# under inductor: MONAI_CKPT_COMPILE_BACKEND=inductor python -m pytest -q tests/test_compile.py (docs/benchmarks.md).
+_FAST = os.environ.get("MONAI_CKPT_COMPILE_BACKEND", "aot_eager_decomp_partition")
 CASES = {
-    "unet-all": (UNet, CheckpointUNet, UNET, "all", (2, 1, 8, 8, 8), True, "inductor"),
-    "vnet2d-cheap": (VNet, CheckpointVNet, VNET, "cheap", (2, 1, 16, 16), True, "aot_eager_decomp_partition"),
-    "dynunet-runs": (DynUNet, CheckpointDynUNet, DYNUNET, [["encoder1", "encoder2"], {"names": ["decoder1.0"],
-                     "mode": "cheap"}, "decoder0"], (2, 1, 8, 8, 8), True, "inductor"),
-    "dynunet-ds-budget": (DynUNet, CheckpointDynUNet, DYNUNET_DS, {"budget_gb": 1e-3}, (2, 1, 8, 8, 8), False,
-                          "inductor"),
+    "unet-all": (UNet, CheckpointUNet, UNET, "all", (2, 1, 8, 8, 8), "inductor"),
+    "vnet2d-cheap": (VNet, CheckpointVNet, VNET, "cheap", (2, 1, 16, 16), _FAST),  # see COMPILED_REFERENCE
+    "dynunet-runs": (DynUNet, CheckpointDynUNet, DYNUNET, [["encoder0", "encoder1"], "bottleneck.1",
+                     {"names": ["decoder1.0"], "mode": "cheap"}, "decoder0"], (2, 1, 8, 8, 8), _FAST),
+    "dynunet-ds-blocks": (DynUNet, CheckpointDynUNet, DYNUNET_DS, "blocks", (2, 1, 8, 8, 8), _FAST),
 }
+# VNet at 16x16 ends in 1x1 maps normalised over a batch of 2: so ill-conditioned that the compiled plain VNet
+# itself differs from the eager one by ~5e-3 in the second step's gradients (measured, with or without
+# checkpointing); there the reference is the parent compiled with the same backend.
+COMPILED_REFERENCE = {"vnet2d-cheap"}
 ATOL, RTOL = 1e-4, 1e-3  # compiled kernels sum in another order; after 2 SGD steps (lr 0.1) differences stay ~1e-5
 
 
@@ -58,34 +63,112 @@ def saved_for_backward(model, x):
     return sum(storages.values()), out
 
 
-def assert_close_training(parent, child, compiled, shape, steps=2):
-    parent = copy.deepcopy(parent)
-    inputs = [torch.randn(*shape) for _ in range(steps)]
-    outs_p = train_steps(parent, inputs)
-    outs_c = train_steps(compiled, inputs)
-    for a, b in zip(outs_p, outs_c, strict=True):
-        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL)
+def assert_close(actual, expected, what):
+    assert actual.shape == expected.shape, what
+    diff = (actual.double() - expected.double()).abs()
+    assert bool((diff <= ATOL + RTOL * expected.double().abs()).all()), f"{what}: max difference {diff.max().item():.3g}"
+
+
+def assert_close_training(parent, child, compiled, shape, steps=2, reference_backend=None):
+    """``steps`` SGD steps of the eager parent (or the parent compiled with ``reference_backend``) and of
+    ``compiled`` (``child`` compiled) with the same dropout masks; outputs and gradients of every step, then
+    weights and buffers, agree; BatchNorm counted each step once."""
+    parent = copy.deepcopy(parent).train()
+    compiled.train()
+    reference = parent if reference_backend is None else torch.compile(parent, backend=reference_backend)
+    models = {"parent": reference, "compiled": compiled}
+    opts = {name: torch.optim.SGD(m.parameters(), lr=0.1) for name, m in models.items()}
+    for step in range(steps):
+        x = torch.randn(*shape)
+        outs, grads = {}, {}
+        for name, model in models.items():
+            torch.manual_seed(1000 + step)
+            outs[name] = model(x)
+            outs[name].float().square().mean().backward()
+            grads[name] = [p.grad.clone() for p in model.parameters()]
+            opts[name].step()
+            opts[name].zero_grad()
+        assert_close(outs["compiled"], outs["parent"], f"output of step {step}")
+        for (name, _), g_c, g_p in zip(parent.named_parameters(), grads["compiled"], grads["parent"], strict=True):
+            assert_close(g_c, g_p, f"gradient of {name} in step {step}")
     for (name, p), (_, c) in zip(parent.named_parameters(), child.named_parameters(), strict=True):
-        torch.testing.assert_close(c.grad, p.grad, atol=ATOL, rtol=RTOL, msg=f"grad {name}")
-        torch.testing.assert_close(c, p, atol=ATOL, rtol=RTOL, msg=f"param {name}")
+        assert_close(c.detach(), p.detach(), f"weight {name}")
     for (name, p), (_, c) in zip(parent.named_buffers(), child.named_buffers(), strict=True):
-        torch.testing.assert_close(c, p, atol=ATOL, rtol=RTOL, msg=f"buffer {name}")
+        assert_close(c, p, f"buffer {name}")
         if name.endswith("num_batches_tracked"):
             assert int(c) == steps, f"{name}: {int(c)} BatchNorm updates in {steps} compiled steps"
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_compiled_training_equals_the_eager_parent(case):
-    """Two SGD steps with dropout through torch.compile (fullgraph where torch allows it) against the eager MONAI
+    """Two SGD steps with dropout through torch.compile(fullgraph=True) against the eager MONAI
     parent: outputs, gradients, weights and BatchNorm buffers agree to float tolerance, and every
     ``num_batches_tracked`` is exactly 2: the compiled recomputation never updates the running statistics."""
-    parent_cls, child_cls, kw, policy, shape, fullgraph, backend = CASES[case]
+    parent_cls, child_cls, kw, policy, shape, backend = CASES[case]
     torch.manual_seed(0)
     parent = parent_cls(**kw)
     child = child_cls(**kw, checkpoint_policy=policy)
     child.load_state_dict(parent.state_dict())
     torch._dynamo.reset()
-    assert_close_training(parent, child, torch.compile(child, fullgraph=fullgraph, backend=backend), shape)
     assert child.checkpoint_groups()
-    if isinstance(policy, dict) and "budget_gb" in policy:
-        assert child.checkpoint_plan.input_shape == shape  # planned at a graph break, outside the compiled graphs
+    assert_close_training(parent, child, torch.compile(child, fullgraph=True, backend=backend), shape,
+                          reference_backend=backend if case in COMPILED_REFERENCE else None)
+
+
+def test_checkpointing_lowers_what_the_compiled_step_saves_and_follows_policy_changes():
+    """Inside the compiled graph the checkpointed groups are recomputed, not saved: the bytes the compiled step
+    holds for backward drop with "all", rise again with "cheap" (it keeps the convolution outputs), and a policy
+    assigned after compiling is used (Dynamo recompiles) with outputs still equal to the eager parent's."""
+    kw = dict(UNET, channels=(4, 8, 16), strides=(2, 2), dropout=0.0)
+    torch.manual_seed(0)
+    parent = UNet(**kw)
+    child = CheckpointUNet(**kw, checkpoint_policy="none")
+    child.load_state_dict(parent.state_dict())
+    compiled = torch.compile(child, fullgraph=True, backend="aot_eager_decomp_partition")
+    x = torch.randn(2, 1, 16, 16, 16)
+    expected = parent(x)
+    saved = {}
+    for policy in ("none", "all", "cheap"):
+        child.checkpoint_policy = policy
+        saved[policy], out = saved_for_backward(compiled, x)
+        assert_close(out, expected, f"output with {policy!r}")
+    eager_plain, _ = saved_for_backward(copy.deepcopy(parent), x)
+    assert saved["all"] < 0.5 * saved["none"] <= 0.5 * eager_plain, saved
+    assert saved["all"] < saved["cheap"] < saved["none"], saved
+
+
+def _budget_between_all_and_plain(shape):
+    from monai_ckpt.profiling import measure_step_memory
+
+    peaks = [measure_step_memory(lambda p=p: CheckpointUNet(**UNET, checkpoint_policy=p), shape, estimate=True).peak
+             for p in ("all", "none")]
+    return {"budget_gb": (peaks[0] + 0.5 * (peaks[1] - peaks[0])) / 2**30}
+
+
+@pytest.mark.parametrize("policy, says", [("offload", "saved_tensors_hooks"), ("budget", "plan_checkpoints")])
+def test_what_torch_cannot_trace_is_a_graph_break_that_fullgraph_names(policy, says):
+    """"offload" and the planning of a budget policy cannot be traced: with fullgraph Dynamo refuses with our
+    reason; without it they run eagerly between compiled graphs and the step equals the parent's; once planned
+    for a shape (at that graph break, or by ``plan_checkpoints(x)``) a budget policy compiles with fullgraph."""
+    shape = (2, 1, 8, 8, 8)
+    policy = _budget_between_all_and_plain(shape) if policy == "budget" else policy
+    torch.manual_seed(0)
+    parent = UNet(**UNET)
+    child = CheckpointUNet(**UNET, checkpoint_policy=policy)
+    child.load_state_dict(parent.state_dict())
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=says):
+        torch.compile(copy.deepcopy(child), fullgraph=True, backend="aot_eager")(torch.randn(*shape))
+    assert_close_training(parent, child, torch.compile(child, backend="aot_eager"), shape)
+    if policy != "offload":
+        assert child.checkpoint_plan.input_shape == shape and child.checkpoint_groups()  # planned at the break
+        planned = copy.deepcopy(child)
+        assert planned.plan_checkpoints(torch.randn(*shape)) == child.checkpoint_plan  # already planned: no work
+        torch.compile(planned, fullgraph=True, backend="aot_eager")(torch.randn(*shape)).mean().backward()
+
+
+def test_a_bad_training_input_under_compile_is_our_error():
+    """Dynamo traces the input check; a bad shape ends the graph where the check raises and our error comes out."""
+    net = CheckpointUNet(**dict(UNET, channels=(4, 8, 16), strides=(2, 2)))
+    with pytest.raises(InputShapeError, match=r"cannot take spatial size \(8, 8, 6\).*pad to \(8, 8, 8\)") as err:
+        torch.compile(net, backend="aot_eager")(torch.randn(2, 1, 8, 8, 6))
+    assert isinstance(err.value, RuntimeError)

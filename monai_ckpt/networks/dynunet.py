@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock, get_padding
+from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 from monai.networks.nets import DynUNet
 from monai.utils import ensure_tuple_rep
 from torch import nn
@@ -147,7 +147,7 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
         for d, n in enumerate(sizes):
             levels = [n]
             for k, s in zip(kernels, strides):
-                p = ensure_tuple_rep(get_padding(k[d], s[d]), 1)[0]
+                p = (k[d] - s[d] + 1) // 2  # MONAI's get_padding, without numpy (Dynamo traces it)
                 levels.append((levels[-1] + 2 * p - k[d]) // s[d] + 1)
             if min(levels) < 1:
                 return False
