@@ -30,15 +30,13 @@ DYNUNET_DS = dict(DYNUNET, deep_supervision=True, deep_supr_num=1, res_block=Tru
 _FAST = os.environ.get("MONAI_CKPT_COMPILE_BACKEND", "aot_eager_decomp_partition")
 CASES = {
     "unet-all": (UNet, CheckpointUNet, UNET, "all", (2, 1, 8, 8, 8), "inductor"),
-    "vnet2d-cheap": (VNet, CheckpointVNet, VNET, "cheap", (2, 1, 16, 16), _FAST),  # see COMPILED_REFERENCE
+    # 32x32, not 16x16: VNet's 1x1 bottom maps normalised over a batch of 2 are so ill-conditioned that even the
+    # compiled plain VNet differs from the eager one by ~5e-3 in the second step's gradients (measured)
+    "vnet2d-cheap": (VNet, CheckpointVNet, VNET, "cheap", (2, 1, 32, 32), _FAST),
     "dynunet-runs": (DynUNet, CheckpointDynUNet, DYNUNET, [["encoder0", "encoder1"], "bottleneck.1",
                      {"names": ["decoder1.0"], "mode": "cheap"}, "decoder0"], (2, 1, 8, 8, 8), _FAST),
     "dynunet-ds-blocks": (DynUNet, CheckpointDynUNet, DYNUNET_DS, "blocks", (2, 1, 8, 8, 8), _FAST),
 }
-# VNet at 16x16 ends in 1x1 maps normalised over a batch of 2: so ill-conditioned that the compiled plain VNet
-# itself differs from the eager one by ~5e-3 in the second step's gradients (measured, with or without
-# checkpointing); there the reference is the parent compiled with the same backend.
-COMPILED_REFERENCE = {"vnet2d-cheap"}
 ATOL, RTOL = 1e-4, 1e-3  # compiled kernels sum in another order; after 2 SGD steps (lr 0.1) differences stay ~1e-5
 
 
@@ -69,14 +67,12 @@ def assert_close(actual, expected, what):
     assert bool((diff <= ATOL + RTOL * expected.double().abs()).all()), f"{what}: max difference {diff.max().item():.3g}"
 
 
-def assert_close_training(parent, child, compiled, shape, steps=2, reference_backend=None):
-    """``steps`` SGD steps of the eager parent (or the parent compiled with ``reference_backend``) and of
-    ``compiled`` (``child`` compiled) with the same dropout masks; outputs and gradients of every step, then
-    weights and buffers, agree; BatchNorm counted each step once."""
+def assert_close_training(parent, child, compiled, shape, steps=2):
+    """``steps`` SGD steps of the eager parent and of ``compiled`` (``child`` compiled) with the same dropout
+    masks; outputs and gradients of every step, then weights and buffers, agree; BatchNorm counted each step once."""
     parent = copy.deepcopy(parent).train()
     compiled.train()
-    reference = parent if reference_backend is None else torch.compile(parent, backend=reference_backend)
-    models = {"parent": reference, "compiled": compiled}
+    models = {"parent": parent, "compiled": compiled}
     opts = {name: torch.optim.SGD(m.parameters(), lr=0.1) for name, m in models.items()}
     for step in range(steps):
         x = torch.randn(*shape)
@@ -111,8 +107,7 @@ def test_compiled_training_equals_the_eager_parent(case):
     child.load_state_dict(parent.state_dict())
     torch._dynamo.reset()
     assert child.checkpoint_groups()
-    assert_close_training(parent, child, torch.compile(child, fullgraph=True, backend=backend), shape,
-                          reference_backend=backend if case in COMPILED_REFERENCE else None)
+    assert_close_training(parent, child, torch.compile(child, fullgraph=True, backend=backend), shape)
 
 
 def test_checkpointing_lowers_what_the_compiled_step_saves_and_follows_policy_changes():
