@@ -48,11 +48,14 @@ def _eager_random_ops(monkeypatch):
 
 
 def saved_for_backward(model, x):
-    """Bytes of the distinct storages the step saves for backward (what checkpointing lowers), and its output."""
+    """Bytes of the distinct storages the step saves for backward, parameters and buffers excluded (the activations
+    checkpointing lowers), and its output."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     storages = {}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in own:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -128,7 +131,7 @@ def test_checkpointing_lowers_what_the_compiled_step_saves_and_follows_policy_ch
         saved[policy], out = saved_for_backward(compiled, x)
         assert_close(out, expected, f"output with {policy!r}")
     eager_plain, _ = saved_for_backward(copy.deepcopy(parent), x)
-    assert saved["all"] < 0.5 * saved["none"] <= 0.5 * eager_plain, saved
+    assert saved["all"] < 0.5 * saved["none"] and saved["none"] <= eager_plain, (saved, eager_plain)
     assert saved["all"] < saved["cheap"] < saved["none"], saved
 
 

@@ -1,11 +1,12 @@
 """torch.compile (inductor, CPU) against eager, for our checkpoint policies and for compile's own min-cut
 activation budget (``torch._functorch.config.activation_memory_budget``), on one network, in one process.
 
-Memory: the bytes of the distinct storages the training step saves for backward, counted with
-``torch.autograd.graph.saved_tensors_hooks`` around the (compiled) forward: the activations held from forward to
-backward, which is what checkpointing and the compiler's budget trade against recomputation (for the eager
-checkpointed rows it is not defined this way: an eager checkpoint keeps its tensors through saved-tensor hooks of
-its own, which the outer hooks do not see; their exact peaks are in the eager tables of docs/benchmarks.md). MemTracker cannot be
+Memory: the bytes of the distinct storages the training step saves for backward, parameters excluded, counted
+with ``torch.autograd.graph.saved_tensors_hooks`` around the (compiled) forward: the activations held from
+forward to backward, which is what checkpointing and the compiler's budget trade against recomputation. An eager
+checkpoint keeps its tensors through saved-tensor hooks of its own, which the outer hooks do not see: the eager
+checkpointed rows give MemTracker's live activations at the end of the forward instead (for the eager plain
+network both are printed and agree to within the output tensor). MemTracker cannot be
 used here: it measures the compiled module to the byte as it measures the eager one (it runs under a dispatch
 mode, and the allocations inside inductor's generated code do not go through the dispatcher), so it does not see
 what compile changes. Time: step-time ratios to the eager plain network, interleaved, this process's CPU time
@@ -44,16 +45,32 @@ def compiled(network: str, dims: int, policy, budget: float | None = None, fullg
 
 
 def saved_for_backward(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages one training step saves for backward, its parameters and buffers excluded."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     storages = {}
 
     def pack(t):  # noqa: ANN001, ANN202
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in own:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
     out.float().square().mean().backward()
     return sum(storages.values())
+
+
+def activations_after_forward(model: nn.Module, x: torch.Tensor) -> int:
+    """Eager only: live activation bytes (MemTracker's ACT) at the end of the forward."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model, x)
+    with tracker:
+        out = model(x)
+        snapshot = tracker.get_tracker_snapshot("current")[x.device]
+        out.float().square().mean().backward()
+    return next(v for k, v in snapshot.items() if str(k).endswith("ACT"))
 
 
 def table(network: str, shape: tuple[int, ...], steps: int) -> None:
@@ -89,10 +106,12 @@ def table(network: str, shape: tuple[int, ...], steps: int) -> None:
     print("| variant | saved for backward MiB | % of eager plain | step time x eager plain |")
     print("|---|---:|---:|---:|")
     for (name, ratio) in zip(variants, ratios):
+        mark = ""
         if name.startswith("eager, `"):  # an eager checkpoint saves through hooks of its own, unseen from outside
-            print(f"| {name} | - | - | {ratio:.2f} |")
-        else:
-            print(f"| {name} | {saved[name] / 2**20:.1f} | {100 * saved[name] / plain:.0f}% | {ratio:.2f} |")
+            saved[name], mark = activations_after_forward(models[name], x), " *"
+        print(f"| {name} | {saved[name] / 2**20:.1f}{mark} | {100 * saved[name] / plain:.0f}% | {ratio:.2f} |")
+    print(f"\n* MemTracker's live activations at the end of the eager forward (eager plain: "
+          f"{activations_after_forward(models['eager, plain'], x) / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":
