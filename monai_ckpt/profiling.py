@@ -44,6 +44,7 @@ __all__ = [
     "memory_timeline",
     "peak_tensors",
     "replica",
+    "saved_for_backward",
     "step_time_ratios",
     "training_step",
 ]
@@ -246,6 +247,30 @@ def step_time_ratios(
                 ratio_clock[i].append(wall[i][-1] if cuda else time.process_time() - c0)
     base = statistics.median(ratio_clock[0])
     return [statistics.median(t) for t in wall], [statistics.median(t) / base for t in ratio_clock]
+
+
+def saved_for_backward(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Run a training step's forward and backward (loss ``mean(out**2)``) and return the bytes of the distinct
+    storages the forward saves for backward, the model's parameters and buffers excluded, and the output.
+
+    These are the activations held from forward to backward, which checkpointing trades for recomputation. It also
+    works for a ``torch.compile``d model, where MemTracker does not see inside the generated code: a compiled step
+    hands everything it keeps to autograd as the saved tensors of one function. An eager checkpoint keeps its
+    tensors through saved-tensor hooks of its own, which this does not see: for eager checkpointed networks use
+    `measure_step_memory`.
+    """
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in own:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    out.float().square().mean().backward()
+    return sum(storages.values()), out.detach()
 
 
 @dataclass

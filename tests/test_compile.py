@@ -13,6 +13,7 @@ import torch
 from monai.networks.nets import DynUNet, UNet, VNet
 
 from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet, InputShapeError
+from monai_ckpt.profiling import saved_for_backward
 
 UNET = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=1,
             norm="batch", dropout=0.2)
@@ -45,23 +46,6 @@ def _eager_random_ops(monkeypatch):
     """inductor draws random numbers its own way unless told to call torch's RNG: with this, the compiled
     dropout masks are those of the eager parent (and the recomputation replays them)."""
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-
-
-def saved_for_backward(model, x):
-    """Bytes of the distinct storages the step saves for backward, parameters and buffers excluded (the activations
-    checkpointing lowers), and its output."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    storages = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    out.float().square().mean().backward()
-    return sum(storages.values()), out
 
 
 def assert_close(actual, expected, what):

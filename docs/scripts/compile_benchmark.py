@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from monai_ckpt.networks.presets import network_factory
+from monai_ckpt.profiling import saved_for_backward
 
 
 def inductor(budget: float | None = None):  # noqa: ANN201
@@ -42,22 +43,6 @@ def inductor(budget: float | None = None):  # noqa: ANN201
 def compiled(network: str, dims: int, policy, budget: float | None = None, fullgraph: bool = False):  # noqa: ANN001, ANN201
     return lambda: torch.compile(network_factory(network, dims, 1, policy)(), backend=inductor(budget),
                                  fullgraph=fullgraph)
-
-
-def saved_for_backward(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct storages one training step saves for backward, its parameters and buffers excluded."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    storages = {}
-
-    def pack(t):  # noqa: ANN001, ANN202
-        if t.untyped_storage().data_ptr() not in own:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    out.float().square().mean().backward()
-    return sum(storages.values())
 
 
 def activations_after_forward(model: nn.Module, x: torch.Tensor) -> int:
@@ -100,7 +85,7 @@ def table(network: str, shape: tuple[int, ...], steps: int) -> None:
 
     _, ratios = step_time_ratios([keep(n, f) for n, f in variants.items()], x_shape, steps=steps, warmup=1)
     x = torch.randn(*x_shape)
-    saved = {name: saved_for_backward(models[name], x) for name in variants}
+    saved = {name: saved_for_backward(models[name], x)[0] for name in variants}
     plain = saved["eager, plain"]
     print(f"{network}, input {x_shape}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| variant | saved for backward MiB | % of eager plain | step time x eager plain |")
