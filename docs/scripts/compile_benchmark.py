@@ -104,7 +104,8 @@ if __name__ == "__main__":
     parser.add_argument("--network", default="unet")
     parser.add_argument("--shape", type=int, nargs="+", default=[64, 64, 64])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64  # one compiled graph per variant, all of the same forward
     table(args.network, tuple(args.shape), args.steps)
