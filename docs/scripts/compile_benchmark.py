@@ -12,7 +12,7 @@ mode, and the allocations inside inductor's generated code do not go through the
 what compile changes. Time: step-time ratios to the eager plain network, interleaved, this process's CPU time
 (monai_ckpt.profiling.step_time_ratios); the first (warm-up) step of each variant compiles it.
 
-    python docs/scripts/compile_benchmark.py --network unet --shape 48 48 48
+    OMP_NUM_THREADS=1 python docs/scripts/compile_benchmark.py --network unet --shape 48 48 48 --steps 7 --threads 1
 
 Run from the repository root.
 """
