@@ -6,10 +6,9 @@ with ``torch.autograd.graph.saved_tensors_hooks`` around the (compiled) forward:
 forward to backward, which is what checkpointing and the compiler's budget trade against recomputation. An eager
 checkpoint keeps its tensors through saved-tensor hooks of its own, which the outer hooks do not see: the eager
 checkpointed rows give MemTracker's live activations at the end of the forward instead (for the eager plain
-network both are printed and agree to within the output tensor). MemTracker cannot be
-used here: it measures the compiled module to the byte as it measures the eager one (it runs under a dispatch
-mode, and the allocations inside inductor's generated code do not go through the dispatcher), so it does not see
-what compile changes. Time: step-time ratios to the eager plain network, interleaved, this process's CPU time
+network both are printed and agree to within the output tensor). MemTracker cannot be used here: it
+measured the compiled module to the byte as it measured the eager one, so it does not see what compile changes.
+Time: step-time ratios to the eager plain network, interleaved, this process's CPU time
 (monai_ckpt.profiling.step_time_ratios); the first (warm-up) step of each variant compiles it.
 
     OMP_NUM_THREADS=1 python docs/scripts/compile_benchmark.py --network unet --shape 48 48 48 --steps 7 --threads 1
@@ -17,6 +16,7 @@ what compile changes. Time: step-time ratios to the eager plain network, interle
 Run from the repository root.
 """
 import argparse
+
 import torch
 from torch import nn
 
