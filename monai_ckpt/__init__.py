@@ -1,7 +1,7 @@
 """monai-ckpt: correct, planned and measured gradient checkpointing for MONAI's 3D segmentation networks."""
 
 from .checkpoint import CHECKPOINT_MODES, CheckpointedSequential, checkpoint, checkpoint_submodules
-from .networks import CheckpointDynUNet, CheckpointUNet, CheckpointVNet
+from .networks import CheckpointDynUNet, CheckpointSegResNet, CheckpointSwinUNETR, CheckpointUNet, CheckpointVNet
 from .planner import Plan, plan
 from .policies import CheckpointGroup, Segment, resolve_policy, validate_policy
 
@@ -11,6 +11,8 @@ __all__ = [
     "CHECKPOINT_MODES",
     "CheckpointGroup",
     "CheckpointDynUNet",
+    "CheckpointSegResNet",
+    "CheckpointSwinUNETR",
     "CheckpointUNet",
     "CheckpointVNet",
     "CheckpointedSequential",
