@@ -1,6 +1,8 @@
-"""The drop-in contract of DESIGN.md for CheckpointSegResNet and CheckpointSwinUNETR against their MONAI parents.
+"""The drop-in contract of DESIGN.md for CheckpointSegResNet, CheckpointSwinUNETR and CheckpointAttentionUnet
+against their MONAI parents.
 
-The constructor cases follow MONAI's own tests (tests/networks/nets/test_segresnet.py, test_swin_unetr.py):
+The constructor cases follow MONAI's own tests (tests/networks/nets/test_segresnet.py, test_swin_unetr.py,
+test_attentionunet.py; AttentionUnet: 2D and 3D, dropout, kernel sizes, strides of 1):
 2D and 3D, group/instance/batch norm, dropout, every upsample mode, ``use_conv_final=False``; Swin with
 dropout, attention dropout and stochastic depth, v2 blocks, patch norm, ``normalize=False``, MONAI's own
 ``use_checkpoint``. Sizes are tiny so the file runs in seconds.
@@ -12,9 +14,9 @@ import sys
 
 import pytest
 import torch
-from monai.networks.nets import SegResNet, SwinUNETR
+from monai.networks.nets import AttentionUnet, SegResNet, SwinUNETR
 
-from monai_ckpt import CheckpointSegResNet, CheckpointSwinUNETR
+from monai_ckpt import CheckpointAttentionUnet, CheckpointSegResNet, CheckpointSwinUNETR
 from helpers import assert_same_training, count_conv_calls
 
 
@@ -50,13 +52,20 @@ CASES = {
                            (2, 2, 64, 64)),
     "swin2d-unnormalized": (SwinUNETR, CheckpointSwinUNETR, _swin(spatial_dims=2, normalize=False, depths=(1, 2, 1, 1),
                                                                   window_size=(4, 8)), (1, 2, 64, 64)),
+    "attunet3d": (AttentionUnet, CheckpointAttentionUnet,
+                  dict(spatial_dims=3, in_channels=2, out_channels=3, channels=(4, 8, 16), strides=(2, 2),
+                       dropout=0.2), (2, 2, 8, 8, 8)),
+    "attunet2d": (AttentionUnet, CheckpointAttentionUnet,
+                  dict(spatial_dims=2, in_channels=2, out_channels=3, channels=(4, 8, 16, 16), strides=(2, 2, 1),
+                       kernel_size=5, up_kernel_size=5), (2, 2, 16, 16)),
 }
 POLICIES = ["none", "all", "blocks", "encoder", "decoder", "bottleneck", "head", "sqrt", "cheap", "offload",
             {"every": 2}, {"segments": 2}, {"segments": 1}]
 # every policy on one case per network, the main ones on the others (a Swin step costs more)
 SOME = ["all", "blocks", "cheap", {"segments": 1}]
-PARITY = ([("segresnet3d", p) for p in POLICIES] + [("swin2d-v2-instance", p) for p in POLICIES]
-          + [(c, p) for c in CASES if c not in ("segresnet3d", "swin2d-v2-instance") for p in SOME]
+FULL = ("segresnet3d", "swin2d-v2-instance", "attunet3d")
+PARITY = ([(c, p) for c in FULL for p in POLICIES]
+          + [(c, p) for c in CASES if c not in FULL for p in SOME]
           + [("swin3d-own-checkpoint", "none")])
 
 
@@ -101,8 +110,8 @@ def test_training_parity_with_groups_of_blocks(case):
     """Runs of blocks within and across segments, as the planner chooses them: bit-identical."""
     parent, child, shape = make(case, "none")
     blocks = [b for s in child.checkpoint_segments() for b in s.blocks]
-    child.checkpoint_policy = [blocks[1:3], {"names": [blocks[4:8]], "mode": "cheap"}, blocks[-2:]]
-    assert [g.names for g in child.checkpoint_groups()] == [tuple(blocks[1:3]), tuple(blocks[4:8]), tuple(blocks[-2:])]
+    child.checkpoint_policy = [blocks[1:3], {"names": [blocks[4:7]], "mode": "cheap"}, blocks[-1:]]
+    assert [g.names for g in child.checkpoint_groups()] == [tuple(blocks[1:3]), tuple(blocks[4:7]), tuple(blocks[-1:])]
     assert_same_training(parent, child, [torch.randn(*shape) for _ in range(2)], atol=tolerance(case))
 
 
@@ -161,7 +170,7 @@ def test_eval_no_grad_and_inference_are_the_plain_forward(case, monkeypatch):
     assert len(calls) == len(child.checkpoint_groups()) == len(child.checkpoint_segments())
 
 
-@pytest.mark.parametrize("case", ["segresnet3d", "segresnet2d-no-final", "swin2d-v2-instance"])
+@pytest.mark.parametrize("case", ["segresnet3d", "segresnet2d-no-final", "swin2d-v2-instance", "attunet2d"])
 def test_torchscript_where_the_parent_scripts(case):
     parent, child, shape = make(case, "cheap")
     try:
@@ -177,7 +186,7 @@ def test_torchscript_where_the_parent_scripts(case):
     assert torch.equal(torch.jit.load(buf).eval()(x), parent.eval()(x))
 
 
-@pytest.mark.parametrize("case", ["segresnet3d", "swin2d-v2-instance"])
+@pytest.mark.parametrize("case", ["segresnet3d", "swin2d-v2-instance", "attunet3d"])
 @pytest.mark.parametrize("policy", ["all", "cheap"])
 def test_autocast_bf16_matches_parent(case, policy):
     parent, child, shape = make(case, policy)
@@ -218,7 +227,8 @@ def test_bad_policy_and_input_are_clear_errors(case):
         net(torch.randn(*bad))
 
 
-@pytest.mark.parametrize("case", ["segresnet3d", "segresnet2d-instance-pixelshuffle", "swin2d-unnormalized"])
+@pytest.mark.parametrize("case", ["segresnet3d", "segresnet2d-instance-pixelshuffle", "swin2d-unnormalized",
+                                  "attunet2d"])
 @pytest.mark.parametrize("size", [12, 16, 24, 32, 64])
 def test_input_size_check_agrees_with_the_parent(case, size):
     """In training we reject exactly the spatial sizes the parent cannot run, saying what would be right."""
@@ -258,8 +268,9 @@ def test_swin_pretrained_load_from_and_parent_signature():
     assert list(child_params)[:-1] == list(parent_params)
     assert all(child_params[n].default == p.default for n, p in parent_params.items())
     assert child_params["checkpoint_policy"].kind is inspect.Parameter.KEYWORD_ONLY
-    seg_params = inspect.signature(CheckpointSegResNet.__init__).parameters
-    assert list(seg_params)[:-1] == list(inspect.signature(SegResNet.__init__).parameters)
+    for parent, child in ((SegResNet, CheckpointSegResNet), (AttentionUnet, CheckpointAttentionUnet)):
+        params = inspect.signature(child.__init__).parameters
+        assert list(params)[:-1] == list(inspect.signature(parent.__init__).parameters)
 
 
 def test_estimate_mode_builds_swin_outside_fake_mode():

@@ -40,6 +40,12 @@ def _swinunetr(spatial_dims: int, in_channels: int) -> dict:
     return dict(in_channels=in_channels, out_channels=2, feature_size=48, spatial_dims=spatial_dims)
 
 
+def _attentionunet(spatial_dims: int, in_channels: int) -> dict:
+    """Five levels, 16..256 channels, as the seed's PROMISE12 (prostate) configuration."""
+    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2, channels=(16, 32, 64, 128, 256),
+                strides=(2, 2, 2, 2))
+
+
 # name -> (MONAI class name, monai_ckpt class name, constructor kwargs for (spatial_dims, in_channels))
 NETWORKS: dict[str, tuple[str, str, Callable[[int, int], dict]]] = {
     "unet": ("UNet", "CheckpointUNet", _unet),
@@ -47,6 +53,7 @@ NETWORKS: dict[str, tuple[str, str, Callable[[int, int], dict]]] = {
     "dynunet": ("DynUNet", "CheckpointDynUNet", _dynunet),
     "segresnet": ("SegResNet", "CheckpointSegResNet", _segresnet),
     "swinunetr": ("SwinUNETR", "CheckpointSwinUNETR", _swinunetr),
+    "attentionunet": ("AttentionUnet", "CheckpointAttentionUnet", _attentionunet),
 }
 
 # What a user would checkpoint by hand on the plain parent (`checkpoint_submodules` on these block classes), and
@@ -54,6 +61,7 @@ NETWORKS: dict[str, tuple[str, str, Callable[[int, int], dict]]] = {
 NATURAL_BLOCKS: dict[str, tuple[str, ...]] = {
     "segresnet": ("ResBlock",),
     "swinunetr": ("SwinTransformerBlock", "UnetResBlock"),
+    "attentionunet": ("ConvBlock", "AttentionBlock"),
 }
 PARENT_OWN_CHECKPOINT: dict[str, dict] = {"swinunetr": {"use_checkpoint": True}}
 
