@@ -141,7 +141,12 @@ def test_each_conv_runs_at_most_twice(case, policy):
     _, child, shape = make(case, policy)
     x = torch.randn(*shape)
     counts = count_conv_calls(child, lambda: loss_of(child(x)).backward())
-    assert max(counts.values()) == 2 and min(counts.values()) >= 1
+    child.checkpoint_policy = "none"
+    plain = count_conv_calls(child, lambda: loss_of(child(x)).backward())
+    # once in the forward, at most once more in backward; a conv the parent never runs (SegResNet's conv_final
+    # with use_conv_final=False) is not run either
+    assert set(plain.values()) <= {0, 1} and max(counts.values()) == 2
+    assert all(plain[n] <= counts[n] <= 2 * plain[n] for n in plain)
 
 
 @pytest.mark.parametrize("case", LIGHT)
