@@ -61,13 +61,12 @@ CASES = {
 }
 POLICIES = ["none", "all", "blocks", "encoder", "decoder", "bottleneck", "head", "sqrt", "cheap", "offload",
             {"every": 2}, {"segments": 2}, {"segments": 1}]
-# every policy on one case per network, the main ones on the others (a Swin step costs more)
-SOME = ["all", "blocks", "cheap", {"segments": 1}]
-FULL = ("segresnet3d", "swin2d-v2-instance", "attunet3d")
-SWIN3D = ("swin3d", "swin3d-own-checkpoint")  # a 3D Swin step costs most: the contract's other checks run in 2D
-PARITY = ([(c, p) for c in FULL for p in POLICIES]
-          + [(c, p) for c in CASES if c not in FULL + SWIN3D for p in SOME]
-          + [("swin3d", "all"), ("swin3d", "blocks"), ("swin3d-own-checkpoint", "none"), ("swin3d-own-checkpoint", "all")])
+# every policy on one case (the policies know no network), the main ones on the others; a Swin step costs most
+SOME = ["all", "blocks", "cheap"]
+SWIN3D = ("swin3d", "swin3d-own-checkpoint")  # the contract's other checks run on the 2D Swin cases
+PARITY = ([("segresnet3d", p) for p in POLICIES] + [("attunet3d", {"segments": 1}), ("swin2d-v2-instance", "offload")]
+          + [(c, p) for c in CASES if c not in ("segresnet3d",) + SWIN3D for p in SOME]
+          + [("swin3d", "all"), ("swin3d-own-checkpoint", "none"), ("swin3d-own-checkpoint", "all")])
 LIGHT = [c for c in CASES if c not in SWIN3D]
 
 
@@ -99,7 +98,7 @@ def test_training_parity_is_exact(case, policy):
     assert_same_training(parent, child, [torch.randn(*shape) for _ in range(2)], atol=tolerance(case))
 
 
-@pytest.mark.parametrize("case", LIGHT)
+@pytest.mark.parametrize("case", ["segresnet2d-instance-pixelshuffle", "swin2d-v2-instance", "attunet3d"])
 def test_training_parity_with_groups_of_blocks(case):
     """Runs of blocks within and across segments, as the planner chooses them: bit-identical."""
     parent, child, shape = make(case, "none")
@@ -136,7 +135,7 @@ def test_swin_own_checkpoint_is_kept_outside_our_checkpoints_and_never_nested():
 
 
 @pytest.mark.parametrize("case", LIGHT)
-@pytest.mark.parametrize("policy", ["blocks", {"segments": 1}], ids=str)
+@pytest.mark.parametrize("policy", ["blocks"], ids=str)
 def test_each_conv_runs_at_most_twice(case, policy):
     _, child, shape = make(case, policy)
     x = torch.randn(*shape)
@@ -196,7 +195,7 @@ def test_bad_policy_and_input_are_clear_errors(case):
 
 @pytest.mark.parametrize("case", ["segresnet3d", "segresnet2d-instance-pixelshuffle", "swin2d-unnormalized",
                                   "attunet2d"])
-@pytest.mark.parametrize("size", [12, 16, 24, 32, 64])
+@pytest.mark.parametrize("size", [12, 16, 24, 32])
 def test_input_size_check_agrees_with_the_parent(case, size):
     """In training we reject exactly the spatial sizes the parent cannot run, saying what would be right."""
     parent_cls, child_cls, kw, shape = CASES[case]
