@@ -1,7 +1,15 @@
 """monai-ckpt: correct, planned and measured gradient checkpointing for MONAI's 3D segmentation networks."""
 
 from .checkpoint import CHECKPOINT_MODES, CheckpointedSequential, checkpoint, checkpoint_submodules
-from .networks import CheckpointDynUNet, CheckpointUNet, CheckpointVNet, InputShapeError
+from .networks import (
+    CheckpointAttentionUnet,
+    CheckpointDynUNet,
+    CheckpointSegResNet,
+    CheckpointSwinUNETR,
+    CheckpointUNet,
+    CheckpointVNet,
+    InputShapeError,
+)
 from .planner import Plan, plan
 from .policies import CheckpointGroup, Segment, resolve_policy, validate_policy
 
@@ -10,7 +18,10 @@ __version__ = "0.1.0"
 __all__ = [
     "CHECKPOINT_MODES",
     "CheckpointGroup",
+    "CheckpointAttentionUnet",
     "CheckpointDynUNet",
+    "CheckpointSegResNet",
+    "CheckpointSwinUNETR",
     "CheckpointUNet",
     "CheckpointVNet",
     "CheckpointedSequential",

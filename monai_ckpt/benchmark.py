@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 from torch import nn
 from tqdm.auto import tqdm
 
-from .networks.presets import NETWORKS, network_factory, padded_shape
+from .checkpoint import checkpoint_submodules
+from .networks.presets import NATURAL_BLOCKS, NETWORKS, PARENT_OWN_CHECKPOINT, network_factory, padded_shape
 from .policies import validate_policy
 from .profiling import MiB, measure_step_memory, step_time_ratios
 
@@ -63,6 +64,19 @@ def _factories(network: str, spatial_dims: int, in_channels: int, policies: Sequ
     out: list[tuple[str, Callable[[], nn.Module]]] = [(f"MONAI {parent_name} (plain)", lambda: parent(**kwargs))]
     for policy in policies:
         out.append((f"{child_name} {json.dumps(policy)}", network_factory(network, spatial_dims, in_channels, policy)))
+    if with_monai and network in PARENT_OWN_CHECKPOINT:
+        own = PARENT_OWN_CHECKPOINT[network]
+        label = ", ".join(f"{k}={v}" for k, v in own.items())
+        out.append((f"MONAI {parent_name} {label}", lambda: parent(**kwargs, **own)))
+    if with_monai and network in NATURAL_BLOCKS:
+        blocks = NATURAL_BLOCKS[network]
+
+        def by_hand() -> nn.Module:
+            net = parent(**kwargs)
+            checkpoint_submodules(net, predicate=lambda name, m: type(m).__name__ in blocks)
+            return net
+
+        out.append((f"MONAI {parent_name} + checkpoint_submodules({'/'.join(blocks)})", by_hand))
     if with_monai and network == "unet":
         try:
             from monai.networks.nets.unet import CheckpointUNet as MonaiCheckpointUNet

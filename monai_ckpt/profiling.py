@@ -123,7 +123,7 @@ def _steady_state(factory, input_shape, estimate, device, optimizer, amp):  # no
     """Network, optimizer and batch as in steady-state training: the optimizer has its state (made by one
     optimizer step on zero gradients, which costs no forward), all fake tensors when ``estimate``."""
     with _fake_mode() if estimate else contextlib.nullcontext():
-        model = factory().train()
+        model = _build(factory, estimate).train()
         if device.type != "cpu":
             model.to(device)
         opt = make_optimizer(model, optimizer)
@@ -134,6 +134,22 @@ def _steady_state(factory, input_shape, estimate, device, optimizer, amp):  # no
             model.zero_grad(set_to_none=True)
         x = torch.randn(*input_shape, device=device)
         yield model, opt, x
+
+
+def _build(factory: Callable[[], nn.Module], estimate: bool) -> nn.Module:
+    """``factory()``; in estimate mode (inside ``FakeTensorMode``), a network whose constructor reads tensor
+    values (SwinUNETR's stochastic-depth rates, ``.item()``) is built for real, outside fake mode, and measured
+    as a fake `replica`."""
+    if not estimate:
+        return factory()
+    from torch._subclasses.fake_tensor import DataDependentOutputException, unset_fake_temporarily
+
+    try:
+        return factory()
+    except DataDependentOutputException:
+        with unset_fake_temporarily():
+            network = factory()
+        return replica(network)
 
 
 def replica(network: nn.Module, policy: Any = None) -> nn.Module:
@@ -374,7 +390,7 @@ def block_costs(
     ``repeats`` runs after a warm-up run (the first run at a shape also pays one-off kernel set-up).
     """
     with _fake_mode() if estimate else contextlib.nullcontext():
-        model = factory().train()
+        model = _build(factory, estimate).train()
         steps = model._chain_steps()
         x = torch.randn(*input_shape)
         params = _storages(*model.parameters())

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -37,6 +38,74 @@ def assert_same_training(parent: nn.Module, child: nn.Module, inputs: list[torch
         torch.testing.assert_close(c, p, atol=atol, rtol=0 if atol == 0 else 1e-5, msg=f"param {name}")
     for (name, p), (_, c) in zip(parent.named_buffers(), child.named_buffers(), strict=True):
         torch.testing.assert_close(c, p, atol=atol, rtol=0 if atol == 0 else 1e-5, msg=f"buffer {name}")
+
+
+def loss_of(out: torch.Tensor) -> torch.Tensor:
+    """A loss with position-dependent weights, so every output element (and every deep-supervision head) matters."""
+    return (out.float() * torch.linspace(0, 1, out.numel()).view(out.shape)).square().mean()
+
+
+def make_pair(parent_cls: type, child_cls: type, kwargs: dict, policy) -> tuple[nn.Module, nn.Module]:  # noqa: ANN001
+    """A MONAI parent and its monai_ckpt child with ``policy``, holding the same weights."""
+    torch.manual_seed(0)
+    parent = parent_cls(**kwargs)
+    child = child_cls(**kwargs, checkpoint_policy=policy)
+    child.load_state_dict(parent.state_dict())
+    return parent, child
+
+
+def assert_plain_forward_outside_training(
+    parent: nn.Module, child: nn.Module, x: torch.Tensor, monkeypatch  # noqa: ANN001
+) -> None:
+    """In eval(), under no_grad and inference_mode the child never checkpoints and equals the parent; in training
+    it makes one checkpoint call per group."""
+    import sys
+
+    module = sys.modules["monai_ckpt.checkpoint"]
+    calls = []
+    orig = module._torch_checkpoint
+    monkeypatch.setattr(module, "_torch_checkpoint", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    parent.eval(), child.eval()
+    assert torch.equal(child(x), parent(x))
+    child.train()
+    with torch.no_grad():
+        child(x)
+    with torch.inference_mode():
+        child(x)
+    assert calls == []
+    child(x)
+    assert len(calls) == len(child.checkpoint_groups()) == len(child.checkpoint_segments())
+
+
+def assert_scripts_like_parent(parent: nn.Module, child: nn.Module, x: torch.Tensor) -> None:
+    """The child scripts, saves and loads as the plain network's graph where the parent scripts, and fails where
+    the parent fails (MONAI's DynUNet with deep supervision, SwinUNETR)."""
+    import io
+
+    try:
+        torch.jit.script(copy.deepcopy(parent))
+    except Exception as e:  # noqa: BLE001
+        with pytest.raises(type(e)):
+            torch.jit.script(child)
+        return
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(child), buf)
+    buf.seek(0)
+    assert torch.equal(torch.jit.load(buf).eval()(x), parent.eval()(x))
+
+
+def assert_same_under_autocast(parent: nn.Module, child: nn.Module, x: torch.Tensor) -> None:
+    """One bf16-autocast training step: outputs (and their dtype) and gradients equal the parent's."""
+    outs = []
+    for net in (parent, child):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+        loss_of(out).backward()
+        outs.append(out)
+    assert outs[1].dtype == outs[0].dtype and torch.equal(outs[0], outs[1])
+    for (name, p), c in zip(parent.named_parameters(), child.parameters()):
+        assert torch.equal(p.grad, c.grad), name
 
 
 def count_conv_calls(model: nn.Module, run) -> dict[str, int]:

@@ -1,9 +1,6 @@
 """The drop-in contract of DESIGN.md, for every checkpoint-aware network against its MONAI parent."""
 
-import copy
-import io
 import re
-import sys
 
 import pytest
 import torch
@@ -11,7 +8,10 @@ from monai.networks import eval_mode
 from monai.networks.nets import DynUNet, UNet, VNet
 
 from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet, InputShapeError
-from helpers import assert_same_training, count_conv_calls
+from helpers import (
+    assert_plain_forward_outside_training, assert_same_training, assert_same_under_autocast,
+    assert_scripts_like_parent, count_conv_calls, loss_of, make_pair,
+)
 
 
 def _dyn(ds=False, n=1, res=False, dims=3, norm="batch"):
@@ -41,16 +41,7 @@ POLICIES = ["none", "all", "blocks", "encoder", "decoder", "bottleneck", "head",
 
 def make(case, policy="all"):
     parent_cls, child_cls, kw, shape = CASES[case]
-    torch.manual_seed(0)
-    parent = parent_cls(**kw)
-    child = child_cls(**kw, checkpoint_policy=policy)
-    child.load_state_dict(parent.state_dict())
-    return parent, child, shape
-
-
-def loss_of(out):
-    # position-dependent weights, so every output element (and every deep-supervision head) matters
-    return (out.float() * torch.linspace(0, 1, out.numel()).view(out.shape)).square().mean()
+    return (*make_pair(parent_cls, child_cls, kw, policy), shape)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -137,57 +128,20 @@ def test_each_conv_runs_at_most_twice(case, policy):
 @pytest.mark.parametrize("case", CASES)
 def test_eval_no_grad_and_inference_are_the_plain_forward(case, monkeypatch):
     parent, child, shape = make(case)
-    module = sys.modules["monai_ckpt.checkpoint"]
-    calls = []
-    orig = module._torch_checkpoint
-    monkeypatch.setattr(module, "_torch_checkpoint", lambda *a, **k: calls.append(1) or orig(*a, **k))
-    x = torch.randn(*shape)
-    parent.eval(), child.eval()
-    assert torch.equal(child(x), parent(x))
-    child.train()
-    with torch.no_grad():
-        child(x)
-    with torch.inference_mode():
-        child(x)
-    assert calls == []
-    child(x)
-    assert len(calls) == len(child.checkpoint_groups()) == len(child.checkpoint_segments())
+    assert_plain_forward_outside_training(parent, child, torch.randn(*shape), monkeypatch)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_torchscript_exports_the_plain_network(case):
     parent, child, shape = make(case, "cheap")
-    try:
-        torch.jit.script(copy.deepcopy(parent))
-    except RuntimeError:
-        # MONAI's DynUNet with deep supervision does not script in this torch version: neither do we
-        with pytest.raises(RuntimeError):
-            torch.jit.script(child)
-        return
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(child), buf)
-    buf.seek(0)
-    loaded = torch.jit.load(buf).eval()
-    x = torch.randn(*shape)
-    assert torch.equal(loaded(x), parent.eval()(x))
+    assert_scripts_like_parent(parent, child, torch.randn(*shape))
 
 
 @pytest.mark.parametrize("case", ["unet3d", "vnet3d", "dynunet-ds2"])
 @pytest.mark.parametrize("policy", ["all", "cheap"])
 def test_autocast_bf16_matches_parent(case, policy):
     parent, child, shape = make(case, policy)
-    x = torch.randn(*shape)
-    outs = []
-    for net in (parent, child):
-        torch.manual_seed(3)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = net(x)
-        loss_of(out).backward()
-        outs.append(out)
-    assert outs[1].dtype == outs[0].dtype
-    assert torch.equal(outs[0], outs[1])
-    for (name, p), c in zip(parent.named_parameters(), child.parameters()):
-        assert torch.equal(p.grad, c.grad), name
+    assert_same_under_autocast(parent, child, torch.randn(*shape))
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,4 +1,4 @@
-"""The named network configurations that the benchmark and planner CLIs build (``--network unet|vnet|dynunet``).
+"""The named network configurations that the benchmark and planner CLIs build (``--network unet|vnet|dynunet|...``).
 
 A new network is added here as ``name -> (MONAI class, monai_ckpt class, constructor kwargs)``; both CLIs, the
 docs' scripts and the scenario presets pick it up.
@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-__all__ = ["NETWORKS", "network_factory", "padded_shape"]
+__all__ = ["NATURAL_BLOCKS", "NETWORKS", "PARENT_OWN_CHECKPOINT", "network_factory", "padded_shape"]
 
 
 def _unet(spatial_dims: int, in_channels: int) -> dict:
@@ -29,12 +29,41 @@ def _dynunet(spatial_dims: int, in_channels: int) -> dict:
                 norm_name=("INSTANCE", {"affine": True}), deep_supervision=True, deep_supr_num=2)
 
 
+def _segresnet(spatial_dims: int, in_channels: int) -> dict:
+    """MONAI's BraTS tutorial: 16 filters, ResBlocks (1, 2, 2, 4) down and (1, 1, 1) up, group norm."""
+    return dict(spatial_dims=spatial_dims, init_filters=16, in_channels=in_channels, out_channels=2,
+                blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
+
+
+def _swinunetr(spatial_dims: int, in_channels: int) -> dict:
+    """The BTCV model-zoo bundle: feature size 48, depths (2, 2, 2, 2), window 7."""
+    return dict(in_channels=in_channels, out_channels=2, feature_size=48, spatial_dims=spatial_dims)
+
+
+def _attentionunet(spatial_dims: int, in_channels: int) -> dict:
+    """Five levels, 16..256 channels, as the seed's PROMISE12 (prostate) configuration."""
+    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2, channels=(16, 32, 64, 128, 256),
+                strides=(2, 2, 2, 2))
+
+
 # name -> (MONAI class name, monai_ckpt class name, constructor kwargs for (spatial_dims, in_channels))
 NETWORKS: dict[str, tuple[str, str, Callable[[int, int], dict]]] = {
     "unet": ("UNet", "CheckpointUNet", _unet),
     "vnet": ("VNet", "CheckpointVNet", _vnet),
     "dynunet": ("DynUNet", "CheckpointDynUNet", _dynunet),
+    "segresnet": ("SegResNet", "CheckpointSegResNet", _segresnet),
+    "swinunetr": ("SwinUNETR", "CheckpointSwinUNETR", _swinunetr),
+    "attentionunet": ("AttentionUnet", "CheckpointAttentionUnet", _attentionunet),
 }
+
+# What a user would checkpoint by hand on the plain parent (`checkpoint_submodules` on these block classes), and
+# the parent's own checkpointing switch: the benchmark's comparison rows.
+NATURAL_BLOCKS: dict[str, tuple[str, ...]] = {
+    "segresnet": ("ResBlock",),
+    "swinunetr": ("SwinTransformerBlock", "UnetResBlock"),
+    "attentionunet": ("ConvBlock", "AttentionBlock"),
+}
+PARENT_OWN_CHECKPOINT: dict[str, dict] = {"swinunetr": {"use_checkpoint": True}}
 
 
 def network_factory(

@@ -1,0 +1,113 @@
+"""Checkpoint-aware drop-in subclass of MONAI's AttentionUnet."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import AttentionUnet
+from monai.utils import ensure_tuple_rep
+from torch import nn
+
+from ..chain import ChainStep, segment_steps
+from ..policies import PolicySpec
+from .base import CheckpointPolicyMixin
+
+__all__ = ["CheckpointAttentionUnet"]
+
+
+def _conv_block(block: nn.Module) -> list[dict]:
+    """A ConvBlock as its two Convolutions (conv, norm, activation, dropout each)."""
+    return [dict(fn=conv) for conv in block.conv]
+
+
+def _attention_merge(layer: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """AttentionLayer.forward after its submodule: up-convolution, attention gate on the skip, merge."""
+    fromlower = layer.upconv(x)
+    att = layer.attention(g=fromlower, x=skip)
+    return layer.merge(torch.cat((att, fromlower), dim=1))
+
+
+class CheckpointAttentionUnet(CheckpointPolicyMixin, AttentionUnet):
+    """MONAI's `AttentionUnet` with gradient checkpointing driven by a segment policy.
+
+    A drop-in replacement: same constructor, modules, parameter names and state_dict keys as
+    `monai.networks.nets.AttentionUnet`; outputs, gradients and BatchNorm statistics equal the parent's, dropout
+    masks included. In ``eval()``, without autograd or under TorchScript the forward is the parent's.
+
+    Segments, in execution order: ``encoder0`` (the head ConvBlock), ``encoder1``.. (each AttentionLayer's
+    strided ConvBlock), ``bottleneck`` (the bottom ConvBlock), ``decoder{i}`` from the bottom up (up-convolution,
+    attention gate on the level-i skip, merge), ``head0`` (the 1x1 reduction). Blocks: each Convolution of a
+    ConvBlock; a decoder is one block.
+
+    Args:
+        spatial_dims, in_channels, out_channels, channels, strides, kernel_size, up_kernel_size, dropout: as for
+            `monai.networks.nets.AttentionUnet`.
+        checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`. Defaults to "all".
+
+    Examples::
+
+        from monai_ckpt import CheckpointAttentionUnet
+
+        net = CheckpointAttentionUnet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128),
+                                      strides=(2, 2, 2), checkpoint_policy="sqrt")
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int],
+        strides: Sequence[int],
+        kernel_size: Sequence[int] | int = 3,
+        up_kernel_size: Sequence[int] | int = 3,
+        dropout: float = 0.0,
+        *,
+        checkpoint_policy: PolicySpec = "all",
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, out_channels, channels, strides, kernel_size, up_kernel_size,
+                         dropout)
+        self.checkpoint_policy = checkpoint_policy
+
+    def _layers(self) -> list[nn.Module]:
+        """The AttentionLayers, top first."""
+        layers, layer = [], self.model[1]
+        while True:
+            layers.append(layer)
+            if not isinstance(layer.submodule, nn.Sequential):
+                return layers
+            layer = layer.submodule[1]
+
+    def _chain_steps(self) -> list[ChainStep]:
+        layers = self._layers()
+        head = _conv_block(self.model[0])
+        head[-1]["push"] = True
+        steps = segment_steps("encoder0", 0, "encoder", *head)
+        for i, layer in enumerate(layers[:-1], start=1):
+            blocks = _conv_block(layer.submodule[0])
+            blocks[-1]["push"] = True
+            steps += segment_steps(f"encoder{i}", i, "encoder", *blocks)
+        steps += segment_steps("bottleneck", len(layers), "bottleneck", *_conv_block(layers[-1].submodule))
+        for i in reversed(range(len(layers))):
+            steps += segment_steps(f"decoder{i}", i, "decoder",
+                                   dict(fn=functools.partial(_attention_merge, layers[i]), pops=1))
+        steps += segment_steps("head0", 0, "head", dict(fn=self.model[2]))
+        return steps
+
+    def size_multiple(self) -> tuple[int, ...]:
+        """What each spatial input size must be a multiple of: the product of the strides (each strided
+        convolution rounds up, each up-convolution multiplies, and every attention gate must line up)."""
+        strides = [ensure_tuple_rep(s, self.dimensions) for s in self.strides[: len(self.channels) - 1]]
+        return tuple(math.prod(int(s[d]) for s in strides) for d in range(self.dimensions))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
+            self._check_input(x)
+            if self._checkpointing(x):
+                return self._checkpointed_forward(x)
+        # AttentionUnet.forward, verbatim (TorchScript cannot call super())
+        x_m: torch.Tensor = self.model(x)
+        return x_m

@@ -1,0 +1,249 @@
+"""Checkpoint-aware drop-in subclass of MONAI's SwinUNETR."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.networks.nets import SwinUNETR
+from monai.networks.nets.swin_unetr import SwinTransformerBlock, compute_mask, get_window_size
+from monai.utils import optional_import
+from torch import nn
+from torch.nn import LayerNorm
+
+from ..chain import ChainStep, run_chain, segment_steps
+from ..policies import PolicySpec
+from .base import CheckpointPolicyMixin
+from .dynunet import _conv_blocks, _up_blocks
+
+rearrange, _ = optional_import("einops", name="rearrange")
+
+__all__ = ["CheckpointSwinUNETR"]
+
+_CHANNELS_LAST = {5: ("b c d h w -> b d h w c", "b d h w c -> b c d h w"), 4: ("b c h w -> b h w c", "b h w c -> b c h w")}
+
+
+def _stage_start(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BasicLayer.forward up to its blocks: channels last, and the shifted-window attention mask (carried to
+    each block of the stage; a Hyena stage has none: an empty tensor stands for it)."""
+    spatial = x.shape[2:]
+    window_size, shift_size = get_window_size(tuple(spatial), layer.window_size, layer.shift_size)
+    x = rearrange(x, _CHANNELS_LAST[x.ndim][0])
+    if layer.use_hyena:
+        return x, x.new_empty(0)
+    padded = [int(np.ceil(s / w)) * w for s, w in zip(spatial, window_size)]
+    return x, compute_mask(padded, window_size, shift_size, x.device)
+
+
+def _swin_block(block: nn.Module, own_checkpoint: bool, x: torch.Tensor, mask: torch.Tensor):  # noqa: ANN202
+    """One block of a Swin stage; the mask goes on to the next block. ``own_checkpoint=False`` runs a
+    SwinTransformerBlock without its ``use_checkpoint`` (inside one of our checkpoints: no nesting)."""
+    attn_mask = None if mask.numel() == 0 else mask
+    if own_checkpoint or not isinstance(block, SwinTransformerBlock):
+        return block(x, attn_mask), mask
+    # SwinTransformerBlock.forward with use_checkpoint=False
+    shortcut = x
+    x = shortcut + block.drop_path(block.forward_part1(x, attn_mask))
+    return x + block.forward_part2(x), mask
+
+
+def _stage_end(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BasicLayer.forward after its blocks: patch merging, channels first."""
+    if layer.downsample is not None:
+        x = layer.downsample(x)
+    return rearrange(x, _CHANNELS_LAST[x.ndim][1])
+
+
+def _embed(swin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return swin.pos_drop(swin.patch_embed(x))
+
+
+def _contiguous_then(fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return fn(x.contiguous())
+
+
+def _with_skip(skip: nn.Module | None, proj_out, normalize: bool, x: torch.Tensor):  # noqa: ANN001, ANN202
+    """Keep ``x`` running and push the stage's hidden state (normalised), through its CNN encoder if any."""
+    hidden = proj_out(x, normalize)
+    return x, (hidden if skip is None else skip(hidden))
+
+
+def _input_skip(encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x, encoder(x)
+
+
+def _stage_blocks(swin: nn.Module, i: int, own_checkpoint: Callable[[int], bool]) -> list[dict]:
+    """Swin stage i (``layers{i+1}``, with its ``layers{i+1}c`` convolution block in v2) as blocks: each
+    transformer block (the first also makes the attention mask, the last also merges patches).
+    ``own_checkpoint(k)``: whether block k of the segment keeps MONAI's own ``use_checkpoint``."""
+    layer = getattr(swin, f"layers{i + 1}")[0]
+    out = []
+    if swin.use_v2:
+        conv = getattr(swin, f"layers{i + 1}c")[0]
+        out.append(dict(fn=functools.partial(_contiguous_then, conv)))
+    n = len(layer.blocks)
+    for j, block in enumerate(layer.blocks):
+        own = own_checkpoint(len(out))
+
+        def fn(x, *popped, block=block, j=j, own=own):  # noqa: ANN001, ANN202
+            if j == 0:
+                x, mask = _stage_start(layer, x.contiguous())
+            else:
+                (mask,) = popped
+            x, mask = _swin_block(block, own, x, mask)
+            if j == n - 1:
+                return _stage_end(layer, x, mask)
+            return x, mask
+
+        out.append(dict(fn=fn, pops=int(j > 0), extra=int(j < n - 1)))
+    return out
+
+
+class CheckpointSwinUNETR(CheckpointPolicyMixin, SwinUNETR):
+    """MONAI's `SwinUNETR` with gradient checkpointing driven by a segment policy.
+
+    A drop-in replacement: same constructor, modules, parameter names and state_dict keys as
+    `monai.networks.nets.SwinUNETR` (``load_from`` of pretrained Swin weights works as in the parent); outputs,
+    gradients and normalisation statistics equal the parent's, dropout, attention dropout and stochastic depth
+    included. In ``eval()``, without autograd or under TorchScript the forward is the parent's.
+
+    Segments, in execution order, by resolution level (level l is 1/2**l of the input): ``encoder0``
+    (``encoder1`` on the input), ``encoder1`` (patch embedding, then ``encoder2`` on it), ``encoder2``..
+    ``encoder4`` (Swin stages ``layers1``..``layers3``, then ``encoder3``/``encoder4`` on their output),
+    ``bottleneck`` (``layers4``, then ``encoder10``), ``decoder4``..``decoder0`` (MONAI's ``decoder5``..
+    ``decoder1``) and ``head0`` (``out``). Blocks: each Swin transformer block (the first of a stage also
+    computes the attention mask, the last also merges patches), each half of a residual CNN block. The CNN
+    encoders of the skips consume no random numbers, so running each right after the stage whose output it
+    reads (rather than after the whole Swin transformer, as the parent does) keeps every dropout mask.
+
+    MONAI's own ``use_checkpoint=True`` (each Swin block checkpoints its attention and its MLP) keeps working:
+    it is the parent's forward under ``checkpoint_policy="none"``, and it stays in effect in every Swin block
+    that our policy leaves alone; a Swin block inside one of our checkpoints runs without it, so no block is
+    recomputed twice. `builtin_checkpoint` reports which it is.
+
+    Args:
+        in_channels, out_channels, patch_size, depths, num_heads, window_size, qkv_bias, mlp_ratio, feature_size,
+        norm_name, drop_rate, attn_drop_rate, dropout_path_rate, normalize, norm_layer, patch_norm,
+        use_checkpoint, spatial_dims, downsample, use_v2, use_hyena, hyena_*, use_flash_attention: as for
+        `monai.networks.nets.SwinUNETR`.
+        checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`. Defaults to "all".
+
+    Examples::
+
+        from monai_ckpt import CheckpointSwinUNETR
+
+        net = CheckpointSwinUNETR(in_channels=1, out_channels=14, feature_size=48, checkpoint_policy="sqrt")
+        net.load_state_dict(plain_swin_unetr.state_dict())
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        patch_size: int = 2,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: Sequence[int] | int = 7,
+        qkv_bias: bool = True,
+        mlp_ratio: float = 4.0,
+        feature_size: int = 24,
+        norm_name: tuple | str = "instance",
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        dropout_path_rate: float = 0.0,
+        normalize: bool = True,
+        norm_layer: type[LayerNorm] = nn.LayerNorm,
+        patch_norm: bool = False,
+        use_checkpoint: bool = False,
+        spatial_dims: int = 3,
+        downsample: str | nn.Module = "merging",
+        use_v2: bool = False,
+        use_hyena: bool = False,
+        hyena_stages: Sequence[bool] | None = None,
+        hyena_kernel_size: int = 3,
+        hyena_kernel_mlp_dim: int = 32,
+        hyena_kernel_layers: int = 3,
+        hyena_mask_max_attenuation: float = 0.95,
+        hyena_fft_padding: str = "circular",
+        hyena_grid_type: str = "single",
+        hyena_use_chunked_fft: bool = False,
+        hyena_use_fft_short_conv: bool = False,
+        hyena_omega_0: float = 10.0,
+        hyena_l_cache: int = 32,
+        hyena_short_conv_fft_chunks: int = 0,
+        use_flash_attention: bool = False,
+        *,
+        checkpoint_policy: PolicySpec = "all",
+    ) -> None:
+        super().__init__(
+            in_channels=in_channels, out_channels=out_channels, patch_size=patch_size, depths=depths,
+            num_heads=num_heads, window_size=window_size, qkv_bias=qkv_bias, mlp_ratio=mlp_ratio,
+            feature_size=feature_size, norm_name=norm_name, drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate, dropout_path_rate=dropout_path_rate, normalize=normalize,
+            norm_layer=norm_layer, patch_norm=patch_norm, use_checkpoint=use_checkpoint,
+            spatial_dims=spatial_dims, downsample=downsample, use_v2=use_v2, use_hyena=use_hyena,
+            hyena_stages=hyena_stages, hyena_kernel_size=hyena_kernel_size,
+            hyena_kernel_mlp_dim=hyena_kernel_mlp_dim, hyena_kernel_layers=hyena_kernel_layers,
+            hyena_mask_max_attenuation=hyena_mask_max_attenuation, hyena_fft_padding=hyena_fft_padding,
+            hyena_grid_type=hyena_grid_type, hyena_use_chunked_fft=hyena_use_chunked_fft,
+            hyena_use_fft_short_conv=hyena_use_fft_short_conv, hyena_omega_0=hyena_omega_0,
+            hyena_l_cache=hyena_l_cache, hyena_short_conv_fft_chunks=hyena_short_conv_fft_chunks,
+            use_flash_attention=use_flash_attention
+        )
+        self.in_channels = in_channels
+        self.spatial_dims = spatial_dims
+        self.use_checkpoint = use_checkpoint
+        self.checkpoint_policy = checkpoint_policy
+
+    @property
+    def builtin_checkpoint(self) -> str:
+        """What MONAI's own ``use_checkpoint`` does in this network: "none", or "swin blocks" (each Swin block
+        checkpoints its attention and its MLP, except inside the segments our policy checkpoints)."""
+        return "swin blocks" if self.use_checkpoint else "none"
+
+    def _chain_steps(self, inside: frozenset[str] = frozenset()) -> list[ChainStep]:
+        """The chain; blocks named in ``inside`` run within one of our checkpoints (their Swin blocks then
+        skip MONAI's own ``use_checkpoint``)."""
+        swin, norm = self.swinViT, self.normalize
+
+        def own(segment: str, k: int) -> bool:
+            return self.use_checkpoint and f"{segment}.{k}" not in inside
+
+        steps = segment_steps("encoder0", 0, "encoder", dict(fn=functools.partial(_input_skip, self.encoder1), extra=1))
+        steps += segment_steps(
+            "encoder1", 1, "encoder", dict(fn=functools.partial(_embed, swin)),
+            dict(fn=functools.partial(_with_skip, self.encoder2, swin.proj_out, norm), extra=1),
+        )  # fmt: skip
+        skips = (self.encoder3, self.encoder4, None)
+        for i, skip in enumerate(skips):
+            name = f"encoder{i + 2}"
+            blocks = _stage_blocks(swin, i, functools.partial(own, name))
+            blocks.append(dict(fn=functools.partial(_with_skip, skip, swin.proj_out, norm), extra=1))
+            steps += segment_steps(name, i + 2, "encoder", *blocks)
+        blocks = _stage_blocks(swin, 3, functools.partial(own, "bottleneck"))
+        blocks.append(dict(fn=functools.partial(swin.proj_out, normalize=norm)))
+        blocks += _conv_blocks(self.encoder10.layer)
+        steps += segment_steps("bottleneck", 5, "bottleneck", *blocks)
+        for level, up in zip(range(4, -1, -1), (self.decoder5, self.decoder4, self.decoder3, self.decoder2, self.decoder1)):
+            steps += segment_steps(f"decoder{level}", level, "decoder", *_up_blocks(up))
+        steps += segment_steps("head0", 0, "head", dict(fn=self.out))
+        return steps
+
+    def size_multiple(self) -> tuple[int, ...]:
+        """What each spatial input size must be a multiple of: ``patch_size ** 5`` (the patch embedding and
+        four patch mergings), as the parent checks."""
+        return (self.patch_size**5,) * self.spatial_dims
+
+    @torch.jit.unused
+    def _checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        inside = frozenset(name for group in self._checkpoint_groups for name in group.names)
+        return run_chain(self._chain_steps(inside), self._checkpoint_groups, x)[0]
+
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
+            self._check_input(x_in)
+            if self._checkpointing(x_in):
+                return self._checkpointed_forward(x_in)
+        return super().forward(x_in)

@@ -1,0 +1,250 @@
+"""The drop-in contract of DESIGN.md for CheckpointSegResNet, CheckpointSwinUNETR and CheckpointAttentionUnet
+against their MONAI parents.
+
+The constructor cases follow MONAI's own tests (tests/networks/nets/test_segresnet.py, test_swin_unetr.py,
+test_attentionunet.py; AttentionUnet: 2D and 3D, dropout, kernel sizes, strides of 1):
+2D and 3D, group/instance/batch norm, dropout, every upsample mode, ``use_conv_final=False``; Swin with
+dropout, attention dropout and stochastic depth, v2 blocks, patch norm, ``normalize=False``, MONAI's own
+``use_checkpoint``. Sizes are tiny so the file runs in seconds.
+"""
+
+
+import pytest
+import torch
+from monai.networks.nets import AttentionUnet, SegResNet, SwinUNETR
+
+from monai_ckpt import CheckpointAttentionUnet, CheckpointSegResNet, CheckpointSwinUNETR
+from helpers import (
+    assert_plain_forward_outside_training, assert_same_training, assert_same_under_autocast,
+    assert_scripts_like_parent, count_conv_calls, loss_of, make_pair,
+)
+
+
+def _seg(**kw):
+    base = dict(spatial_dims=3, init_filters=8, in_channels=2, out_channels=3, blocks_down=(1, 2, 2), blocks_up=(1, 1))
+    return {**base, **kw}
+
+
+def _swin(**kw):
+    base = dict(in_channels=2, out_channels=3, feature_size=12, depths=(2, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                window_size=4, drop_rate=0.1, attn_drop_rate=0.1, dropout_path_rate=0.2, norm_name="batch")
+    return {**base, **kw}
+
+
+# name -> (parent, child, kwargs, input shape (B, C, *spatial))
+CASES = {
+    "segresnet3d": (SegResNet, CheckpointSegResNet, _seg(dropout_prob=0.2), (2, 2, 8, 8, 12)),
+    "segresnet3d-batch-deconv": (SegResNet, CheckpointSegResNet,
+                                 _seg(norm="batch", upsample_mode="deconv", act=("leakyrelu", {"inplace": True})),
+                                 (2, 2, 8, 8, 8)),
+    "segresnet2d-instance-pixelshuffle": (SegResNet, CheckpointSegResNet,
+                                          _seg(spatial_dims=2, norm="instance", upsample_mode="pixelshuffle",
+                                               blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1), dropout_prob=0.1),
+                                          (2, 2, 32, 32)),
+    "segresnet2d-no-final": (SegResNet, CheckpointSegResNet,
+                             _seg(spatial_dims=2, use_conv_final=False, norm_name="group", num_groups=4),
+                             (2, 2, 16, 16)),
+    "swin3d": (SwinUNETR, CheckpointSwinUNETR, _swin(), (2, 2, 32, 32, 32)),
+    "swin3d-own-checkpoint": (SwinUNETR, CheckpointSwinUNETR, _swin(use_checkpoint=True, patch_norm=True),
+                              (2, 2, 32, 32, 32)),
+    "swin2d-v2-instance": (SwinUNETR, CheckpointSwinUNETR,
+                           _swin(spatial_dims=2, use_v2=True, norm_name="instance", downsample="mergingv2"),
+                           (2, 2, 64, 64)),
+    "swin2d-unnormalized": (SwinUNETR, CheckpointSwinUNETR, _swin(spatial_dims=2, normalize=False, depths=(1, 2, 1, 1),
+                                                                  window_size=(4, 8)), (1, 2, 64, 64)),
+    "attunet3d": (AttentionUnet, CheckpointAttentionUnet,
+                  dict(spatial_dims=3, in_channels=2, out_channels=3, channels=(4, 8, 16), strides=(2, 2),
+                       dropout=0.2), (2, 2, 8, 8, 8)),
+    "attunet2d": (AttentionUnet, CheckpointAttentionUnet,
+                  dict(spatial_dims=2, in_channels=2, out_channels=3, channels=(4, 8, 16, 16), strides=(2, 2, 1),
+                       kernel_size=5, up_kernel_size=5), (2, 2, 16, 16)),
+}
+POLICIES = ["none", "all", "blocks", "encoder", "decoder", "bottleneck", "head", "sqrt", "cheap", "offload",
+            {"every": 2}, {"segments": 2}, {"segments": 1}]
+# every policy on one case (the policies know no network), the main ones on the others; a Swin step costs most
+SOME = ["all", "blocks", "cheap"]
+SWIN3D = ("swin3d", "swin3d-own-checkpoint")  # the contract's other checks run on the 2D Swin cases
+PARITY = ([("segresnet3d", p) for p in POLICIES] + [("attunet3d", {"segments": 1}), ("swin2d-v2-instance", "offload")]
+          + [(c, p) for c in CASES if c not in ("segresnet3d",) + SWIN3D for p in SOME]
+          + [("swin3d", "all"), ("swin3d-own-checkpoint", "none"), ("swin3d-own-checkpoint", "all")])
+LIGHT = [c for c in CASES if c not in SWIN3D]
+
+
+def make(case, policy="all"):
+    parent_cls, child_cls, kw, shape = CASES[case]
+    return (*make_pair(parent_cls, child_cls, kw, policy), shape)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_state_dict_keys_and_parameter_names(case):
+    parent, child, shape = make(case)
+    assert list(child.state_dict()) == list(parent.state_dict())
+    assert [n for n, _ in child.named_parameters()] == [n for n, _ in parent.named_parameters()]
+    CASES[case][0](**CASES[case][2]).load_state_dict(child.state_dict(), strict=True)
+
+
+def tolerance(case):
+    """0: bit-identical. SwinUNETR with ``normalize=False`` feeds a stage's output itself to its skip encoder,
+    which we run right after the stage (the parent after the whole transformer): that tensor's gradient is then
+    summed from its three users in another order, equal to float rounding."""
+    return 0.0 if CASES[case][2].get("normalize", True) else 1e-5
+
+
+@pytest.mark.parametrize("case, policy", PARITY, ids=str)
+def test_training_parity_is_exact(case, policy):
+    """Outputs, gradients, weights and norm buffers after 2 SGD steps with dropout (Swin: dropout, attention
+    dropout and stochastic depth; BatchNorm in the 3D cases): bit-identical."""
+    parent, child, shape = make(case, policy)
+    assert_same_training(parent, child, [torch.randn(*shape) for _ in range(2)], atol=tolerance(case))
+
+
+@pytest.mark.parametrize("case", ["segresnet2d-instance-pixelshuffle", "swin2d-v2-instance", "attunet3d"])
+def test_training_parity_with_groups_of_blocks(case):
+    """Runs of blocks within and across segments, as the planner chooses them: bit-identical."""
+    parent, child, shape = make(case, "none")
+    blocks = [b for s in child.checkpoint_segments() for b in s.blocks]
+    child.checkpoint_policy = [blocks[1:3], {"names": [blocks[4:7]], "mode": "cheap"}, blocks[-1:]]
+    assert [g.names for g in child.checkpoint_groups()] == [tuple(blocks[1:3]), tuple(blocks[4:7]), tuple(blocks[-1:])]
+    assert_same_training(parent, child, [torch.randn(*shape) for _ in range(2)], atol=tolerance(case))
+
+
+def test_swin_own_checkpoint_is_kept_outside_our_checkpoints_and_never_nested():
+    """MONAI's use_checkpoint: in force where our policy leaves the Swin blocks alone (policy "none" is the parent
+    itself), off inside our checkpoints, so every Swin linear layer runs at most twice per step."""
+    _, child, shape = make("swin3d-own-checkpoint", "none")
+    assert child.builtin_checkpoint == "swin blocks"
+    assert CheckpointSwinUNETR(**_swin()).builtin_checkpoint == "none"
+    x = torch.randn(*shape)
+
+    def linear_calls():
+        counts = {}
+        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: counts.__setitem__(n, counts.get(n, 0) + 1))
+                 for n, m in child.named_modules() if isinstance(m, torch.nn.Linear)]
+        loss_of(child(x)).backward()
+        for h in hooks:
+            h.remove()
+        return counts
+
+    stage1 = "swinViT.layers1.0.blocks.0.attn.qkv"
+    assert linear_calls()[stage1] == 2  # MONAI's own checkpoint recomputes it
+    child.checkpoint_policy = "all"
+    assert max(linear_calls().values()) == 2  # ours instead, not both (that would be 3)
+    child.checkpoint_policy = ["encoder3"]  # ours on stage 2 only: MONAI's still on stage 1
+    counts = linear_calls()
+    assert counts[stage1] == 2 and counts["swinViT.layers2.0.blocks.0.attn.qkv"] == 2
+
+
+@pytest.mark.parametrize("case", LIGHT)
+@pytest.mark.parametrize("policy", ["blocks"], ids=str)
+def test_each_conv_runs_at_most_twice(case, policy):
+    _, child, shape = make(case, policy)
+    x = torch.randn(*shape)
+    counts = count_conv_calls(child, lambda: loss_of(child(x)).backward())
+    child.checkpoint_policy = "none"
+    plain = count_conv_calls(child, lambda: loss_of(child(x)).backward())
+    # once in the forward, at most once more in backward; a conv the parent never runs (SegResNet's conv_final
+    # with use_conv_final=False) is not run either. A block that ends with its conv may not rerun it at all:
+    # torch's recomputation stops once it has every saved tensor back (the conv's input).
+    assert set(plain.values()) <= {0, 1}
+    assert 2 in counts.values() or case == "segresnet2d-no-final"
+    assert all(plain[n] <= counts[n] <= 2 * plain[n] for n in plain)
+
+
+@pytest.mark.parametrize("case", LIGHT)
+def test_eval_no_grad_and_inference_are_the_plain_forward(case, monkeypatch):
+    parent, child, shape = make(case)
+    assert_plain_forward_outside_training(parent, child, torch.randn(*shape), monkeypatch)
+
+
+@pytest.mark.parametrize("case", ["segresnet3d", "segresnet2d-no-final", "swin2d-v2-instance", "attunet2d"])
+def test_torchscript_where_the_parent_scripts(case):
+    parent, child, shape = make(case, "cheap")
+    assert_scripts_like_parent(parent, child, torch.randn(*shape))
+
+
+@pytest.mark.parametrize("case", ["segresnet3d", "swin2d-v2-instance", "attunet3d"])
+@pytest.mark.parametrize("policy", ["all", "cheap"])
+def test_autocast_bf16_matches_parent(case, policy):
+    parent, child, shape = make(case, policy)
+    assert_same_under_autocast(parent, child, torch.randn(*shape))
+
+
+@pytest.mark.parametrize("case", LIGHT)
+def test_segments_have_names_levels_and_kinds(case):
+    _, child, _ = make(case)
+    segs = child.checkpoint_segments()
+    names = [s.name for s in segs]
+    assert len(set(names)) == len(names) and names[0] == "encoder0"
+    kinds = [s.kind for s in segs]
+    assert kinds.index("bottleneck") == max(i for i, k in enumerate(kinds) if k == "encoder") + 1
+    decoders = [s.level for s in segs if s.kind == "decoder"]
+    assert decoders == sorted(decoders, reverse=True) and decoders[-1] == 0
+    assert ("head0" in names) == CASES[case][2].get("use_conv_final", True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_policy_and_input_are_clear_errors(case):
+    _, child_cls, kw, shape = CASES[case]
+    with pytest.raises(ValueError, match="valid policies are"):
+        child_cls(**kw, checkpoint_policy="fastest")
+    net = child_cls(**kw)
+    bad = (shape[0], shape[1] + 1, *shape[2:])
+    with pytest.raises(ValueError, match=r"expects an input of shape \(batch, 2, "):
+        net(torch.randn(*bad))
+
+
+@pytest.mark.parametrize("case", ["segresnet3d", "segresnet2d-instance-pixelshuffle", "swin2d-unnormalized",
+                                  "attunet2d"])
+@pytest.mark.parametrize("size", [12, 16, 24, 32])
+def test_input_size_check_agrees_with_the_parent(case, size):
+    """In training we reject exactly the spatial sizes the parent cannot run, saying what would be right."""
+    parent_cls, child_cls, kw, shape = CASES[case]
+    parent, child = parent_cls(**kw), child_cls(**kw)
+    x = torch.randn(2, shape[1], size, *shape[3:])
+    try:
+        expected = parent(x)
+    except (RuntimeError, ValueError):
+        with pytest.raises(ValueError, match=r"cannot take spatial size .* must be a multiple of .* e\.g\. pad to"):
+            child(x)
+    else:
+        assert child(x).shape == expected.shape
+
+
+@pytest.mark.parametrize("parent_cls, child_cls, bad", [
+    (SegResNet, CheckpointSegResNet, dict(spatial_dims=1)),
+    (SegResNet, CheckpointSegResNet, dict(norm_name="batch")),
+    (SwinUNETR, CheckpointSwinUNETR, dict(in_channels=1, out_channels=2, feature_size=16)),
+    (SwinUNETR, CheckpointSwinUNETR, dict(in_channels=1, out_channels=2, drop_rate=1.5)),
+    (SwinUNETR, CheckpointSwinUNETR, dict(in_channels=1, out_channels=2, spatial_dims=4)),
+], ids=str)
+def test_constructor_errors_match_parent(parent_cls, child_cls, bad):
+    with pytest.raises(ValueError) as expected:
+        parent_cls(**bad)
+    with pytest.raises(ValueError) as got:
+        child_cls(**bad)
+    assert str(got.value) == str(expected.value)
+
+
+def test_swin_pretrained_load_from_and_parent_signature():
+    """Same constructor (plus keyword-only checkpoint_policy), and the parent's ``load_from`` still fills it."""
+    import inspect
+
+    parent_params = inspect.signature(SwinUNETR.__init__).parameters
+    child_params = inspect.signature(CheckpointSwinUNETR.__init__).parameters
+    assert list(child_params)[:-1] == list(parent_params)
+    assert all(child_params[n].default == p.default for n, p in parent_params.items())
+    assert child_params["checkpoint_policy"].kind is inspect.Parameter.KEYWORD_ONLY
+    for parent, child in ((SegResNet, CheckpointSegResNet), (AttentionUnet, CheckpointAttentionUnet)):
+        params = inspect.signature(child.__init__).parameters
+        assert list(params)[:-1] == list(inspect.signature(parent.__init__).parameters)
+
+
+def test_estimate_mode_builds_swin_outside_fake_mode():
+    """SwinUNETR's constructor calls .item(): estimate mode builds it for real and measures a fake replica."""
+    from monai_ckpt.profiling import measure_step_memory
+
+    kw = _swin(norm_name="instance")
+    plain = measure_step_memory(lambda: SwinUNETR(**kw), (1, 2, 64, 64, 64), estimate=True)
+    ours = measure_step_memory(lambda: CheckpointSwinUNETR(**kw, checkpoint_policy="all"), (1, 2, 64, 64, 64),
+                               estimate=True)
+    assert 0 < ours.peak < 0.8 * plain.peak
