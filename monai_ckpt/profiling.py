@@ -490,6 +490,21 @@ class BlockCost:
     cheap_tail_s: float | None = None
 
 
+def device_clock(device: str | torch.device) -> Callable[[], float]:
+    """The clock a profile times operators with: on the CPU this process's CPU time (which other processes on a
+    shared machine do not inflate); on CUDA wall time after ``torch.cuda.synchronize`` (an operator's time is
+    then its kernels' time)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        def cuda_clock() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return cuda_clock
+    if device.type != "cpu":
+        raise ValueError(f"times can be measured on 'cpu' or 'cuda' devices, got {str(device)!r}.")
+    return time.process_time
+
+
 def _storages(*tensors: torch.Tensor) -> dict[int, torch.UntypedStorage]:
     """Storages by id; the dict holds them, so an id cannot be reused while it is in use."""
     return {id(st): st for st in (t.untyped_storage() for t in tensors)}
@@ -504,9 +519,10 @@ class _OpRecorder(TorchDispatchMode):
     used, and, when timing, the time of all operators and of the others (what a cheap checkpoint recomputes),
     and both as they stood when the last tensor was saved for backward (call `saved()` from a pack hook)."""
 
-    def __init__(self, params: dict[int, torch.UntypedStorage], timing: bool) -> None:
+    def __init__(self, params: dict[int, torch.UntypedStorage], timing: bool,
+                 clock: Callable[[], float] = time.process_time) -> None:
         super().__init__()
-        self.params, self.timing = params, timing
+        self.params, self.timing, self.clock = params, timing, clock
         self.kept: dict[int, torch.UntypedStorage] = {}
         self.used: dict[int, torch.UntypedStorage] = {}
         self.ops_s = self.recompute_s = 0.0
@@ -516,9 +532,9 @@ class _OpRecorder(TorchDispatchMode):
         self.at_last_save = (self.ops_s, self.recompute_s)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        t0 = time.process_time()
+        t0 = self.clock() if self.timing else 0.0
         out = func(*args, **(kwargs or {}))
-        seconds = time.process_time() - t0 if self.timing else 0.0
+        seconds = self.clock() - t0 if self.timing else 0.0
         self.ops_s += seconds
         if cheap_keeps(func):
             self.kept.update(_storages(*(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))))
@@ -537,17 +553,25 @@ def block_costs(
     estimate: bool = False,
     repeats: int = 3,
     amp: bool = False,
+    device: str | torch.device = "cpu",
+    clock: Callable[[], float] | None = None,
 ) -> list[BlockCost]:
     """Per-block costs of ``factory()``, a monai_ckpt network, on a batch of ``input_shape``.
 
     The blocks run in the network's own order (the chain its policies checkpoint), without checkpointing,
     under autocast when ``amp``; saved tensors are counted once per storage. Times are the median of
-    ``repeats`` runs after a warm-up run (the first run at a shape also pays one-off kernel set-up).
+    ``repeats`` runs after a warm-up run (the first run at a shape also pays one-off kernel set-up), on
+    ``device`` with `device_clock` (CPU: process CPU time; CUDA: wall time after synchronising, per operator) or
+    the ``clock`` given.
     """
+    device = torch.device(device)
+    clock = clock or device_clock(device)
     with _fake_mode() if estimate else contextlib.nullcontext():
         model = factory().train()
+        if device.type != "cpu" and not estimate:
+            model.to(device)
         steps = model._chain_steps()
-        x = torch.randn(*input_shape)
+        x = torch.randn(*input_shape, device=device if not estimate else "cpu")
         params = _storages(*model.parameters())
         # per block, one record per timed run: forward, cheap recompute, tail, cheap tail
         timings: dict[str, list[tuple[float, float, float, float]]] = {s.block: [] for s in steps}
@@ -558,20 +582,21 @@ def block_costs(
                 before = _storages(h, *stack)
                 inputs = _storages(h, *stack[len(stack) - step.pops :]) if step.pops else _storages(h)
                 saved: dict[int, torch.UntypedStorage] = {}
-                recorder = _OpRecorder(params, timing=not estimate)
+                recorder = _OpRecorder(params, timing=not estimate, clock=clock)
 
                 def pack(t: torch.Tensor, saved=saved, before=before, recorder=recorder) -> torch.Tensor:
                     saved.update((k, st) for k, st in _storages(t).items() if k not in params and k not in before)
                     recorder.saved()
                     return t
 
-                t0 = time.process_time()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                t0 = clock()
+                amp_dtype = torch.bfloat16 if x.device.type == "cpu" else torch.float16
+                with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp):
                     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
                         outs = run_steps([step], h, *stack)
                 if rep > 0:  # the first run is the warm-up (and, in estimate mode, the only one: no times)
                     ops_at_save, recompute_at_save = recorder.at_last_save
-                    timings[step.block].append((time.process_time() - t0, recorder.recompute_s,
+                    timings[step.block].append((clock() - t0, recorder.recompute_s,
                                                 recorder.ops_s - ops_at_save, recorder.recompute_s - recompute_at_save))
                 h, stack = outs[0], list(outs[1 : len(outs) - step.emit])
                 if rep == 0:  # what it passes on: every tensor it made that outlives it
