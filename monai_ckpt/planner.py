@@ -646,8 +646,9 @@ class _Planner:
     def _fastest_measured(self, limit: int) -> PolicySpec | None:
         """Of every policy measured so far, the fastest (by the model) whose peak fits; ties go to the smaller
         peak, then to the policy's text: the same measurements always give the same answer."""
+        self.profile  # noqa: B018 - profiled (and calibrated: two more measurements) before the candidates are read
         fitting = [(round(self.time_ratio(policy), 6), self._peaks[key], key, policy)
-                   for key, policy in self._policies.items() if self._peaks[key] <= limit]
+                   for key, policy in list(self._policies.items()) if self._peaks[key] <= limit]
         return min(fitting, key=lambda f: f[:3])[3] if fitting else None
 
     def plan(self, budget: int, headroom: int = 0) -> Plan:
@@ -655,17 +656,19 @@ class _Planner:
         fixed policies and the least-memory search's candidates are all candidates."""
         limit = budget - headroom
         plain = self.peak("none")
-        if plain > limit:
-            self.progress(f"searching the fastest policy under {_size(limit)}")
-            found = self.fastest(limit)
-            best_time = self.time_ratio(found[0]) if found else math.inf
-            for fixed in FIXED_POLICIES:  # never slower than a fixed policy that fits (the model is within ~10%
-                # of the measured peak: one it puts further above the budget is not measured)
-                if self.time_ratio(fixed) < best_time - 1e-9 and self.modelled_peak(fixed) <= 1.1 * limit:
-                    self.peak(fixed)
-            if self._fastest_measured(limit) is None:
-                self.progress(f"nothing measured fits {_size(limit)} yet: searching the least-memory policy")
-                self.smallest()
+        extras = (self.step.description, self.step.label.shape if self.step.label else None, str(self.device), headroom)
+        if plain <= limit:
+            return Plan("none", [], plain, 1.0, True, budget, plain, self.input_shape, self.amp, self.optimizer, *extras)
+        self.progress(f"searching the fastest policy under {_size(limit)}")
+        found = self.fastest(limit)
+        best_time = self.time_ratio(found[0]) if found else math.inf
+        for fixed in FIXED_POLICIES:  # never slower than a fixed policy that fits (the model is within ~10%
+            # of the measured peak: one it puts further above the budget is not measured)
+            if self.time_ratio(fixed) < best_time - 1e-9 and self.modelled_peak(fixed) <= 1.1 * limit:
+                self.peak(fixed)
+        if self._fastest_measured(limit) is None:
+            self.progress(f"nothing measured fits {_size(limit)} yet: searching the least-memory policy")
+            self.smallest()
         policy = self._fastest_measured(limit)
         if policy is None:
             least, peak = self.smallest()
@@ -681,8 +684,7 @@ class _Planner:
         names = [] if policy == "none" else _group_labels(resolve_policy(policy, segments), segments)
         ratio = 1.0 if policy == "none" else self.time_ratio(policy)
         return Plan(policy, names, self.peak(policy), ratio, True, budget, plain, self.input_shape, self.amp,
-                    self.optimizer, self.step.description, self.step.label.shape if self.step.label else None,
-                    str(self.device), headroom)
+                    self.optimizer, *extras)
 
     def smallest(self, rounds: int = 4, per_round: int = 2) -> tuple[PolicySpec, int]:
         """The policy with the smallest measured peak: the least of the fixed policies, "all" with the top
@@ -1011,26 +1013,31 @@ def capacity_table(
     batch_size: int = 1,
     optimizer: str = "adam",
     max_edge: int = 1024,
+    progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """For each budget, the largest cubic patch edge without and with checkpointing, each without and with
     AMP: rows ``{"budget_gb", "plain", "checkpointed", "plain_amp", "checkpointed_amp", "max_edge"}`` (0: nothing
-    fits; ``max_edge``: the largest edge searched)."""
+    fits; ``max_edge``: the largest edge searched). ``progress`` is told each column as its search starts."""
     for budget in budgets_gb:
         _budget_bytes(budget)
     edges = _edges(network, max_edge)
     dims = len(network.size_multiple())
     shape_of = lambda e: _input_shape(network, (e,) * dims, batch_size)
     reference = shape_of(_reference_edge(edges))
+    report = progress or (lambda message: None)
     columns = {}
     for amp in (False, True):
         columns[("plain", amp)] = _Capacity(network, "none", amp, optimizer)
+        report(f"the least-memory policy at {reference}{' with amp' if amp else ''}")
         columns[("checkpointed", amp)] = _Capacity(network, _least_memory_policy(network, reference, amp, optimizer),
                                                    amp, optimizer)
-    return [
-        {"budget_gb": budget, **{name + ("_amp" if amp else ""): capacity.largest(edges, shape_of, int(budget * GiB))
-                                 for (name, amp), capacity in columns.items()}, "max_edge": edges[-1]}
-        for budget in budgets_gb
-    ]
+    rows = []
+    for budget in budgets_gb:
+        report(f"largest patches for {budget} GiB")
+        rows.append({"budget_gb": budget, **{name + ("_amp" if amp else ""): capacity.largest(edges, shape_of,
+                                                                                             int(budget * GiB))
+                                             for (name, amp), capacity in columns.items()}, "max_edge": edges[-1]})
+    return rows
 
 
 def format_capacity_table(rows: Sequence[dict], dims: int = 3) -> str:

@@ -57,7 +57,7 @@ VALID_POLICIES_TEXT = (
     f"{', '.join(repr(p) for p in NAMED_POLICIES)}, {{'every': k}}, {{'segments': k}}, "
     "a list of segment/block names, lists of names (one group each) and/or such dicts, "
     "or a dict of one of 'every'/'segments'/'kind'/'names' with an optional "
-    f"'mode' in {CHECKPOINT_MODES}, or {{'budget_gb': X}} with an optional 'optimizer' in {_OPTIMIZERS}"
+    f"'mode' in {CHECKPOINT_MODES}, or {{'budget_gb': X}} with an optional 'optimizer' in {_OPTIMIZERS} and 'headroom_gb'"
 )
 
 

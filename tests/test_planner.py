@@ -83,7 +83,7 @@ def test_dynamic_program_is_exact_against_brute_force():
     options = [planner._segment_options(prof, blocks, grads) for _, blocks in prof.segments]
     combos = list(itertools.product(*options))
     assert len(combos) > 50
-    peaks = sorted({prof.fixed_bytes + _chain_peak(c) for c in combos})
+    peaks = sorted({prof.fixed_bytes + _chain_peak(c, prof.loss_bytes) for c in combos})
     for limit in peaks[:: max(1, len(peaks) // 12)]:
         feasible = [sum(o.time for o in c) for c in combos if _fits(prof, c, limit)]
         solved = planner._solve(prof, limit, options)
@@ -100,15 +100,15 @@ def _fits(prof, combo, limit):
         if prof.fixed_bytes + kept + opt.peak > limit:
             return False
         kept += opt.kept
-    return True
+    return prof.fixed_bytes + kept + prof.loss_bytes <= limit  # the loss runs on top of all the forward kept
 
 
-def _chain_peak(combo):
+def _chain_peak(combo, loss_bytes=0):
     kept, peak = 0, 0
     for opt in combo:
         peak = max(peak, kept + opt.peak)
         kept += opt.kept
-    return peak
+    return max(peak, kept + loss_bytes)
 
 
 def test_plan_is_never_slower_than_the_fastest_fixed_policy_that_fits():
