@@ -422,8 +422,8 @@ def test_budget_policy_plans_with_the_engines_loss_and_label_batch():
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
     shape, label = (2, 1, 16, 16, 16), LabelBatch((2, 1, 16, 16, 16), torch.int64)
     net = CheckpointUNet(3, 1, 6, (4, 8, 16), (2, 2), num_res_units=1)
-    plain, least = (measure_step_memory(lambda p=p: replica(net, p), shape, estimate=True, optimizer="sgd", amp=True,
-                                        loss=loss, label=label).peak for p in ("none", "all"))
+    plain, least = (measure_step_memory(lambda p=p: replica(net, p), shape, optimizer="sgd", amp=True, loss=loss,
+                                        label=label).peak for p in ("none", "all"))
     budget = (least + 0.5 * (plain - least)) / 2**30
     net.checkpoint_policy = {"budget_gb": budget, "optimizer": "sgd"}
     g = torch.Generator().manual_seed(0)
