@@ -660,10 +660,11 @@ class _Planner:
         if plain <= limit:
             return Plan("none", [], plain, 1.0, True, budget, plain, self.input_shape, self.amp, self.optimizer, *extras)
         self.progress(f"searching the fastest policy under {_size(limit)}")
-        found = self.fastest(limit)
+        tight = limit < self.peak("all")  # below "all": the least-memory search's ground, which tries these too
+        found = self.fastest(limit, tries=3 if tight else 5)
         best_time = self.time_ratio(found[0]) if found else math.inf
-        for fixed in FIXED_POLICIES:  # never slower than a fixed policy that fits (the model is within ~10%
-            # of the measured peak: one it puts further above the budget is not measured)
+        for fixed in () if tight else FIXED_POLICIES:  # never slower than a fixed policy that fits (the model is
+            # within ~10% of the measured peak: one it puts further above the budget is not measured)
             if self.time_ratio(fixed) < best_time - 1e-9 and self.modelled_peak(fixed) <= 1.1 * limit:
                 self.peak(fixed)
         if self._fastest_measured(limit) is None:

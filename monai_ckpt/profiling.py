@@ -124,7 +124,8 @@ def training_step(
 ) -> None:
     """One training step: forward, loss, backward, optimizer step, ``zero_grad``.
     ``loss``: None for ``mean(out**2)`` of the first output, else ``loss(out, label).mean()`` on the network's
-    whole output (a DynUNet's stacked deep-supervision output included), as MONAI's trainers call it.
+    whole output (a DynUNet's stacked deep-supervision output included), as MONAI's trainers call it. The output
+    stays alive until the step ends, as a trainer keeps it (``engine.state.output``).
     ``amp``: autocast, bf16 on CPU and fp16 on CUDA, or the dtype given.
     ``on_phase("backward")`` and ``on_phase("optimizer")`` are called as those phases start."""
     dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16 if x.device.type == "cpu" else torch.float16
@@ -136,7 +137,6 @@ def training_step(
             value = out.float().square().mean()
         else:
             value = loss(out, label).mean()
-    del out
     if on_phase is not None:
         on_phase("backward")
     value.backward()
