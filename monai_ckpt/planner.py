@@ -472,6 +472,19 @@ def _policy_of_units(p: _Profile, units: Sequence[tuple[tuple[int, ...], str]]) 
     return spec + [{"names": by_mode["cheap"], "mode": "cheap"}], labels
 
 
+def _merge_deep(p: _Profile, units: tuple, level: int) -> tuple:
+    """``units`` with every run of consecutive checkpointed units whose blocks are all at ``level`` or deeper
+    merged into one fully recomputed run."""
+    out: list = []
+    for blocks, mode in units:
+        deep = mode != "plain" and all(p.costs[b].level >= level for b in blocks)
+        if deep and out and out[-1][1] == "deep":
+            out[-1] = (out[-1][0] + blocks, "deep")
+        else:
+            out.append((blocks, "deep" if deep else mode))
+    return tuple((blocks, "full" if mode == "deep" else mode) for blocks, mode in out)
+
+
 def _neighbours(units: tuple) -> Iterator[tuple]:
     """Policies one move away (as units of the whole chain): change a unit's mode, split a checkpointed unit,
     merge two neighbouring units into one checkpointed run (across segment boundaries too), move a cut between
@@ -715,17 +728,26 @@ class _Planner:
         modelled = sorted({_spec_text(c): (self.modelled_peak(c), _spec_text(c), c) for c in candidates}.values(),
                           key=lambda m: m[:2])
         # measure the candidates the model puts near the least (it is within ~15% of the measurement)
-        measured = [(self.peak(c), _spec_text(c), c) for m, _, c in modelled[:3] if m <= 1.2 * modelled[0][0]]
+        measured = [(self.peak(c), _spec_text(c), c) for m, _, c in modelled[:4] if m <= 1.2 * modelled[0][0]]
         measured += [(self.peak(c), _spec_text(c), c) for c in candidates if _spec_text(c) in self._peaks]
         peak, _, policy = min(measured, key=lambda m: m[:2])
         units = self._units(policy)
+        # the deep levels as one run (what passes between their groups is then not kept): measured whatever the
+        # model says, which cannot tell these apart (it counts a run's boundaries, not what its backward holds)
+        for level in sorted({c.level for c in self.profile.costs}, reverse=True)[1:-1]:
+            deep = _merge_deep(self.profile, units, level)
+            spec = _policy_of_units(self.profile, deep)[0]
+            if self.peak(spec) < peak:
+                peak, policy, units = self.peak(spec), spec, deep
         for _ in range(rounds):
             moves = {}
             for nxt in _neighbours(units):
                 spec = _policy_of_units(self.profile, nxt)[0]
                 if _spec_text(spec) not in self._peaks:
-                    moves.setdefault(_spec_text(spec), (self._units_peak(nxt), _spec_text(spec), spec, nxt))
-            tried = sorted(moves.values(), key=lambda m: m[:2])[:per_round]
+                    kept = _option(self.profile, nxt, self.grads_after).kept  # among equal peaks: keeps less
+                    moves.setdefault(_spec_text(spec), (self._units_peak(nxt), kept, _spec_text(spec), spec, nxt))
+            tried = [(peak_, text, spec, nxt) for peak_, _, text, spec, nxt in
+                     sorted(moves.values(), key=lambda m: m[:3])[:per_round]]
             if not tried:
                 break
             self.progress(f"least-memory search: {_size(peak)} so far, measuring {len(tried)} neighbours")

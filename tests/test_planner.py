@@ -201,6 +201,9 @@ def test_capacity_search_finds_the_boundary():
     policy = planner._least_memory_policy(net, cube(planner._reference_edge(planner._edges(net, 1024))), False, "adam")
     assert _measured(net, policy, cube(row["checkpointed"]), estimate=True) <= budget * GiB
     assert _measured(net, policy, cube(row["checkpointed"] + 8), estimate=True) > budget * GiB
+    # one search: plan() reaches what the capacity search found (it used to refuse such a patch)
+    p = plan(net, (row["checkpointed"],) * 3, budget)
+    assert p.fits and p.predicted_peak_bytes <= budget * GiB
     batch = planner.max_batch_size(net, (32, 32, 32), budget, checkpointing=False)
     assert _measured(net, "none", (batch, 1, 32, 32, 32)) <= budget * GiB
     assert _measured(net, "none", (batch + 1, 1, 32, 32, 32), estimate=True) > budget * GiB
