@@ -158,12 +158,18 @@ def _mean_square(out: Any, label: Any) -> torch.Tensor:
     return (out[0] if isinstance(out, (list, tuple)) else out).float().square().mean()
 
 
+def _parameter_device(network: nn.Module) -> torch.device:
+    return next((p.device for p in network.parameters()), torch.device("cpu"))
+
+
 def _training_output(network: nn.Module, input_shape: tuple[int, ...], amp: bool) -> Any:
     """The network's training output for ``input_shape``, as fake tensors (shapes and dtypes only)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        return _replica(network, "none").train()(torch.randn(input_shape))
+    device = _parameter_device(network)
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    with FakeTensorMode(), torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+        return _replica(network, "none").train()(torch.randn(input_shape, device=device))
 
 
 def _label_batch(label: Any, input_shape: tuple[int, ...], channels: int, dims: int) -> LabelBatch:
@@ -549,7 +555,7 @@ def _measured_peak(network: nn.Module, policy: PolicySpec, input_shape: tuple[in
     """Exact peak of one training step with ``policy`` (MemTracker on fake tensors: nothing is allocated)."""
     return measure_step_memory(lambda: _replica(network, policy), input_shape, estimate=True, amp=amp,
                                optimizer=optimizer, loss=step.loss if step else None,
-                               label=step.label if step else None).peak
+                               label=step.label if step else None, device=_parameter_device(network)).peak
 
 
 def _network_key(network: nn.Module) -> tuple:
@@ -787,7 +793,7 @@ def _planner(network: nn.Module, input_shape: tuple[int, ...], amp: bool, optimi
 
 def _device_of(network: nn.Module, device: str | torch.device | None) -> torch.device:
     """The device the network's parameters are on; ``device``, when given, must be that one."""
-    on = next((p.device for p in network.parameters()), torch.device("cpu"))
+    on = _parameter_device(network)
     if device is None:
         return on
     try:

@@ -571,7 +571,9 @@ def block_costs(
         if device.type != "cpu" and not estimate:
             model.to(device)
         steps = model._chain_steps()
-        x = torch.randn(*input_shape, device=device if not estimate else "cpu")
+        # fakes live where the network's (fake) parameters are: a CUDA network's fakes are CUDA fakes
+        where = device if not estimate else next((p.device for p in model.parameters()), torch.device("cpu"))
+        x = torch.randn(*input_shape, device=where)
         params = _storages(*model.parameters())
         # per block, one record per timed run: forward, cheap recompute, tail, cheap tail
         timings: dict[str, list[tuple[float, float, float, float]]] = {s.block: [] for s in steps}
