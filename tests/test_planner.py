@@ -226,8 +226,9 @@ def test_cli(capsys, tmp_path, monkeypatch):
     assert written["fits"] is True and written["policy"] != "none" and written["max_batch_size"] >= 2
     assert main(["--network", "unet", "--budget-gb", "0.0001", "--shape", "32", "32", "32"]) == 2
     assert "smallest peak reachable" in capsys.readouterr().err
-    assert main(["--network", "unet", "--table", "--budgets", "-1"]) == 2
-    assert "budget_gb must be a positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # checked up front, before any search
+        main(["--network", "unet", "--table", "--budgets", "-1"])
+    assert exit_.value.code == 2 and "--budgets: must be a positive number" in capsys.readouterr().err
 
 
 def test_segment_options_cut_segments_into_runs():
