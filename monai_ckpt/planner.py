@@ -259,7 +259,7 @@ def _time_shape(input_shape: tuple[int, ...], multiple: tuple[int, ...]) -> tupl
 
 
 def _step_seconds(network: nn.Module, input_shape: tuple[int, ...], amp: bool, optimizer: str,
-                  device: torch.device, step: _Step, runs: int = 5) -> float:
+                  device: torch.device, step: _Step, runs: int = 4) -> float:
     """Median time of a plain training step (the user's loss included) on ``device``, after a warm-up step:
     process CPU time on the CPU, CUDA events on CUDA."""
     model = _replica(network, "none").train().to(device)
@@ -297,7 +297,7 @@ def _profile(network: nn.Module, input_shape: tuple[int, ...], amp: bool, optimi
     recompute_s, tail_s = {"full": zeros, "cheap": zeros}, {"full": zeros, "cheap": zeros}
     if timing:  # recompute time of each block as a fraction of a plain training step, on the network's device
         time_shape = _time_shape(input_shape, network.size_multiple())
-        timed = block_costs(lambda: _replica(network, "none"), time_shape, amp=amp, repeats=3, device=device)
+        timed = block_costs(lambda: _replica(network, "none"), time_shape, amp=amp, repeats=2, device=device)
         step_s = _step_seconds(network, time_shape, amp, optimizer, device, step)
         recompute_s = {"full": _quantized([c.forward_s / step_s for c in timed]),
                        "cheap": _quantized([c.cheap_recompute_s / step_s for c in timed])}
@@ -688,10 +688,9 @@ class _Planner:
                 self.peak(fixed)
         if self._fastest_measured(limit) is None:
             self.progress(f"nothing measured fits {_size(limit)} yet: searching the least-memory policy")
-            self.smallest()
+            least, peak = self.smallest(hopeless=limit)
         policy = self._fastest_measured(limit)
         if policy is None:
-            least, peak = self.smallest()
             raise ValueError(
                 f"nothing fits {budget / GiB:.4g} GiB" + (f" ({_size(limit)} for tensors after {_size(headroom)} "
                                                           "headroom)" if headroom else "")
@@ -706,7 +705,7 @@ class _Planner:
         return Plan(policy, names, self.peak(policy), ratio, True, budget, plain, self.input_shape, self.amp,
                     self.optimizer, *extras)
 
-    def smallest(self, rounds: int = 4, per_round: int = 2) -> tuple[PolicySpec, int]:
+    def smallest(self, rounds: int = 4, per_round: int = 2, hopeless: int | None = None) -> tuple[PolicySpec, int]:
         """The policy with the smallest measured peak: the least of the fixed policies, "all" with the top
         decoders split into blocks, the model's least-memory choice and the least-memory policies found for this
         network at other shapes; then a local search from the least of them (change a mode, split, merge runs
@@ -737,6 +736,8 @@ class _Planner:
         measured = [(self.peak(c), _spec_text(c), c) for m, _, c in modelled[:4] if m <= 1.2 * modelled[0][0]]
         measured += [(self.peak(c), _spec_text(c), c) for c in candidates if _spec_text(c) in self._peaks]
         peak, _, policy = min(measured, key=lambda m: m[:2])
+        if hopeless is not None and hopeless < 0.5 * peak:  # no move saves half: the search would not change the answer
+            return policy, peak
         units = self._units(policy)
         # the deep levels as one run (what passes between their groups is then not kept): measured whatever the
         # model says, which cannot tell these apart (it counts a run's boundaries, not what its backward holds)
@@ -977,7 +978,8 @@ def _least_memory_policy(network: nn.Module, input_shape: tuple[int, ...], amp: 
     """The least-memory policy at ``input_shape`` (the search `plan` falls back on; remembered for this network,
     so that `plan` at any shape tries it too)."""
     where = next((p.device for p in network.parameters()), torch.device("cpu"))
-    return _planner(network, input_shape, amp, optimizer, None, "index", where, timing=False).smallest()[0]
+    # two rounds of local moves: a capacity search asks at many sizes; plan() at the size it picks tries this policy
+    return _planner(network, input_shape, amp, optimizer, None, "index", where, timing=False).smallest(rounds=2)[0]
 
 
 def _edges(network: nn.Module, max_edge: int) -> list[int]:
