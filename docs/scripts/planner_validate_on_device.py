@@ -7,7 +7,7 @@ memory stay within the budget?
 
     python docs/scripts/planner_validate_on_device.py            # CUDA: about 5 minutes on one GPU
     python docs/scripts/planner_validate_on_device.py --quick    # one small size per network
-    python docs/scripts/planner_validate_on_device.py --device cpu --quick   # a dry run of the script itself:
+    python docs/scripts/planner_validate_on_device.py --device cpu --quick --networks unet   # a dry run:
                                                                   # MemTracker peaks, process-time ratios
 
 Rows are printed as they finish (markdown); the script stops starting new networks after ``--deadline-s``
@@ -84,6 +84,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--deadline-s", type=float, default=450)
+    parser.add_argument("--networks", nargs="+", default=list(SIZES), choices=list(SIZES))
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -97,6 +98,8 @@ def main() -> int:
     print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|")
     worst = 0.0
     for name, sizes in (QUICK if args.quick else SIZES).items():
+        if name not in args.networks:
+            continue
         if time.time() - start > args.deadline_s:
             print(f"(stopped before {name}: past the {args.deadline_s:.0f} s deadline)")
             break
