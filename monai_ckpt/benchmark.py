@@ -24,7 +24,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_submodules
-from .networks.presets import NATURAL_BLOCKS, NETWORKS, PARENT_OWN_CHECKPOINT, network_factory, padded_shape
+from .networks.presets import (
+    NATURAL_BLOCKS,
+    NETWORKS,
+    PARENT_OWN_CHECKPOINT,
+    network_factory,
+    padded_shape,
+    positive_int,
+    shape_error,
+)
 from .policies import validate_policy
 from .profiling import MiB, measure_step_memory, step_time_ratios
 
@@ -170,13 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m monai_ckpt.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--network", default="unet", choices=sorted(NETWORKS))
     parser.add_argument("--shape", type=int, nargs="+", default=[96, 96, 96], help="spatial size, D H W (or H W)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--in-channels", type=int, default=1)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--in-channels", type=positive_int, default=1)
     parser.add_argument("--policies", type=_policy_arg, nargs="+", default=DEFAULT_POLICIES,
                         help='policy specs; JSON for dicts/lists, e.g. \'{"every": 2}\'')
     parser.add_argument("--estimate", action="store_true", help="FakeTensorMode: memory only, any size, seconds")
     parser.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on CUDA)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per network after one warm-up step")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per network after one warm-up step")
     parser.add_argument("--no-monai", action="store_true", help="skip MONAI's own CheckpointUNet row")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--plot", metavar="FILE.png",
@@ -187,6 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="estimate every policy on the clinical presets (brain MRI 256^3, BraTS, cardiac, "
                              "prostate, liver CT, chest CT 512x512x400)")
     args = parser.parse_args(argv)
+    if not args.scenarios and (why := shape_error(args.network, args.shape, args.in_channels)):
+        parser.error(why)
+    for policy in args.policies:
+        try:
+            validate_policy(policy)
+        except ValueError as error:
+            parser.error(str(error))
     if args.scenarios:
         try:
             results = run_scenarios(args.network, [validate_policy(p) for p in args.policies])

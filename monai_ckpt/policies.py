@@ -27,7 +27,8 @@ Valid specs:
   ``[{"kind": "encoder"}, {"names": ["decoder0"], "mode": "cheap"}]``.
 - a dict may add ``"mode"`` (``"full"``, ``"cheap"`` or ``"offload"``) to any of the above:
   ``{"kind": "decoder", "mode": "cheap"}``, ``{"names": [...], "mode": "cheap"}``, ``{"every": 2, "mode": ...}``.
-- ``{"budget_gb": X}`` (optionally with ``"optimizer"``: ``"adam"``, ``"sgd"`` or ``"none"``): the planner
+- ``{"budget_gb": X}`` (optionally with ``"optimizer"``: ``"adam"``, ``"sgd"`` or ``"none"``, and ``"headroom_gb"``:
+  what of X the device needs beyond live tensors, see `monai_ckpt.planner.plan`): the planner
   (`monai_ckpt.planner`) chooses, for each input shape a network sees in training, the fastest policy whose
   training step fits in X GiB. It is not a list of groups: networks resolve it when they see the input.
 """
@@ -47,7 +48,7 @@ __all__ = ["SEGMENT_KINDS", "Segment", "CheckpointGroup", "PolicySpec", "is_budg
 SEGMENT_KINDS = ("encoder", "bottleneck", "decoder", "head")
 NAMED_POLICIES = ("none", "all", "blocks", *SEGMENT_KINDS, "sqrt", "cheap", "offload")
 _DICT_KEYS = ("every", "segments", "kind", "names", "mode")
-_BUDGET_KEYS = ("budget_gb", "optimizer")
+_BUDGET_KEYS = ("budget_gb", "optimizer", "headroom_gb")
 _OPTIMIZERS = ("adam", "sgd", "none")
 
 PolicySpec = Union[str, Sequence[str], dict]
@@ -56,7 +57,7 @@ VALID_POLICIES_TEXT = (
     f"{', '.join(repr(p) for p in NAMED_POLICIES)}, {{'every': k}}, {{'segments': k}}, "
     "a list of segment/block names, lists of names (one group each) and/or such dicts, "
     "or a dict of one of 'every'/'segments'/'kind'/'names' with an optional "
-    f"'mode' in {CHECKPOINT_MODES}, or {{'budget_gb': X}} with an optional 'optimizer' in {_OPTIMIZERS}"
+    f"'mode' in {CHECKPOINT_MODES}, or {{'budget_gb': X}} with an optional 'optimizer' in {_OPTIMIZERS} and 'headroom_gb'"
 )
 
 
@@ -127,6 +128,10 @@ def validate_policy(spec: Any) -> PolicySpec:
             raise _bad(spec, "'budget_gb' must be a positive number of GiB")
         if spec.get("optimizer", "adam") not in _OPTIMIZERS:
             raise _bad(spec, f"'optimizer' must be one of {_OPTIMIZERS}")
+        headroom = spec.get("headroom_gb")
+        if "headroom_gb" in spec and (isinstance(headroom, bool) or not isinstance(headroom, (int, float))
+                                      or not 0 < headroom < budget):
+            raise _bad(spec, "'headroom_gb' must be a positive number of GiB below 'budget_gb'")
         return dict(spec)
     if isinstance(spec, dict):
         unknown = set(spec) - set(_DICT_KEYS)

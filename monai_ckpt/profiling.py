@@ -12,8 +12,12 @@
 - ``peak_tensors(factory, shape)``: the tensors alive at the peak, each with the operator and module that
   made it: where a policy's peak comes from, and what no policy can remove.
 
-A training step here is ``loss = mean(out**2)``, ``loss.backward()``, ``Adam.step()``, ``zero_grad()``,
-measured on the second step so that optimizer state exists, as in steady-state training.
+A training step here is ``loss = mean(out**2)`` (or the user's ``loss(out, label)`` on a label batch of the
+shape and dtype given, see `LabelBatch`), ``loss.backward()``, ``Adam.step()``, ``zero_grad()``, measured on the
+second step so that optimizer state exists, as in steady-state training. A loss that reads data (MONAI's
+``.tolist()`` of reduction axes, one-hot checks) cannot run on fake tensors; `loss_memory` then measures it for
+real at small output sizes and scales its output-sized terms exactly (`LossStandIn` replays that profile in a
+fake step).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -37,8 +42,12 @@ from .checkpoint import cheap_keeps
 
 __all__ = [
     "BlockCost",
+    "LabelBatch",
+    "LossMemory",
+    "LossStandIn",
     "StepMemory",
     "block_costs",
+    "loss_memory",
     "make_optimizer",
     "measure_step_memory",
     "memory_timeline",
@@ -92,25 +101,46 @@ def make_optimizer(model: nn.Module, optimizer: str = "adam") -> torch.optim.Opt
     raise ValueError(f"unknown optimizer {optimizer!r}; valid: 'adam', 'sgd', 'none'.")
 
 
+@dataclass(frozen=True)
+class LabelBatch:
+    """The label batch a training step's loss takes: its shape (batch and spatial sizes as the input's) and dtype.
+    Its values never change the memory a loss uses, so measurements use zeros (a valid class index and a valid
+    one-hot/sigmoid target)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.int64
+
+    def make(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=device)
+
+
 def training_step(
     model: nn.Module,
     x: torch.Tensor,
     optimizer: torch.optim.Optimizer | None,
     amp: bool | torch.dtype = False,
     on_phase: Callable[[str], None] | None = None,
+    loss: Callable[..., torch.Tensor] | None = None,
+    label: torch.Tensor | None = None,
 ) -> None:
-    """One training step: forward, ``mean(out**2)`` loss, backward, optimizer step, ``zero_grad``.
+    """One training step: forward, loss, backward, optimizer step, ``zero_grad``.
+    ``loss``: None for ``mean(out**2)`` of the first output, else ``loss(out, label).mean()`` on the network's
+    whole output (a DynUNet's stacked deep-supervision output included), as MONAI's trainers call it. The output
+    stays alive until the step ends, as a trainer keeps it (``engine.state.output``).
     ``amp``: autocast, bf16 on CPU and fp16 on CUDA, or the dtype given.
     ``on_phase("backward")`` and ``on_phase("optimizer")`` are called as those phases start."""
     dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16 if x.device.type == "cpu" else torch.float16
     with torch.autocast(x.device.type, dtype=dtype, enabled=bool(amp)):
         out = model(x)
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        loss = out.float().square().mean()
+        if loss is None:
+            if isinstance(out, (list, tuple)):
+                out = out[0]
+            value = out.float().square().mean()
+        else:
+            value = loss(out, label).mean()
     if on_phase is not None:
         on_phase("backward")
-    loss.backward()
+    value.backward()
     if on_phase is not None:
         on_phase("optimizer")
     if optimizer is not None:
@@ -119,9 +149,10 @@ def training_step(
 
 
 @contextlib.contextmanager
-def _steady_state(factory, input_shape, estimate, device, optimizer, amp):  # noqa: ANN001, ANN202
-    """Network, optimizer and batch as in steady-state training: the optimizer has its state (made by one
-    optimizer step on zero gradients, which costs no forward), all fake tensors when ``estimate``."""
+def _steady_state(factory, input_shape, estimate, device, optimizer, amp, label=None):  # noqa: ANN001, ANN202
+    """Network, optimizer and batch (and label batch, when given) as in steady-state training: the optimizer has
+    its state (made by one optimizer step on zero gradients, which costs no forward), all fake tensors when
+    ``estimate``."""
     with _fake_mode() if estimate else contextlib.nullcontext():
         model = _build(factory, estimate).train()
         if device.type != "cpu":
@@ -133,7 +164,10 @@ def _steady_state(factory, input_shape, estimate, device, optimizer, amp):  # no
             opt.step()
             model.zero_grad(set_to_none=True)
         x = torch.randn(*input_shape, device=device)
-        yield model, opt, x
+        if label is None:
+            yield model, opt, x, None
+        else:
+            yield model, opt, x, label.make(device)
 
 
 def _build(factory: Callable[[], nn.Module], estimate: bool) -> nn.Module:
@@ -186,6 +220,8 @@ def measure_step_memory(
     device: str | torch.device = "cpu",
     optimizer: str = "adam",
     amp: bool | torch.dtype = False,
+    loss: Callable[..., torch.Tensor] | None = None,
+    label: LabelBatch | None = None,
 ) -> StepMemory:
     """Peak memory of one training step of ``factory()`` on a batch of ``input_shape`` (B, C, *spatial).
 
@@ -196,19 +232,24 @@ def measure_step_memory(
         device: where to run; on CUDA the result also has ``cuda_max_allocated``.
         optimizer: ``"adam"``, ``"sgd"`` or ``"none"``; its state counts towards the peak.
         amp: run the forward under autocast (bf16 on CPU, fp16 on CUDA, or the dtype given).
+        loss: ``loss(out, label)``; None: ``mean(out**2)`` (see `training_step`). With ``estimate``, a loss that
+            reads data cannot run on fake tensors: give ``LossStandIn(loss_memory(...))`` instead.
+        label: the label batch the loss takes (alive for the whole step, as a trainer's batch is).
     """
     from torch.distributed._tools.mem_tracker import MemTracker
 
     device = torch.device(device)
-    with _steady_state(factory, input_shape, estimate, device, optimizer, amp) as (model, opt, x):
+    if loss is not None and label is None:
+        raise ValueError("a loss needs its label batch: give label=LabelBatch(shape, dtype).")
+    with _steady_state(factory, input_shape, estimate, device, optimizer, amp, label) as (model, opt, x, y):
         cuda = device.type == "cuda" and not estimate
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         tracker = MemTracker()
-        tracker.track_external(model, opt, x)
+        tracker.track_external(model, opt, x, *(() if y is None else (y,)))
         with tracker:
-            training_step(model, x, opt, amp)
+            training_step(model, x, opt, amp, loss=loss, label=y)
         snapshot = tracker.get_tracker_snapshot("peak")
     per_device = snapshot.get(device) or next(iter(snapshot.values()))
     by_category = {_MEMTRACKER_NAMES.get(str(k.value) if hasattr(k, "value") else str(k), str(k)): int(v)
@@ -218,6 +259,161 @@ def measure_step_memory(
         torch.cuda.synchronize(device)
         result.cuda_max_allocated = torch.cuda.max_memory_allocated(device)
     return result
+
+
+@dataclass(frozen=True)
+class LossMemory:
+    """What a loss (forward and backward) adds to a training step, in bytes above what is alive when it starts
+    (the network's output and the label batch included), for one output shape.
+
+    Attributes:
+        forward_peak: its forward's peak.
+        saved: what its forward leaves alive until its backward (saved tensors, the loss value).
+        backward_peak: its backward's peak, the gradient it passes to the output included.
+        grad_bytes: that gradient (output-sized, the output's dtype).
+        method: how it was measured: ``"fake tensors"`` (exact, at the real size) or ``"real at output sizes
+            ..., scaled"`` (exact at small sizes, scaled by the output's voxels).
+    """
+
+    forward_peak: int
+    saved: int
+    backward_peak: int
+    grad_bytes: int
+    method: str = "fake tensors"
+
+
+def _loss_phases(loss: Callable[..., torch.Tensor], out: torch.Tensor, label: torch.Tensor, amp: bool | torch.dtype,
+                 ) -> tuple[int, int, int]:
+    """(forward peak, saved, backward peak) of ``loss(out, label).mean()`` above the live bytes at its start."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    seen = {"forward": 0, "backward": 0}
+    phase = ["forward"]
+
+    class _Phases(MemTracker):
+        def live(self) -> int:
+            return int(sum(v for per_dev in self._curr_mem_snap.values() for k, v in per_dev.items() if k == "Total"))
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            result = super().__torch_dispatch__(func, types, args, kwargs)
+            seen[phase[0]] = max(seen[phase[0]], self.live())
+            return result
+
+    tracker = _Phases()
+    tracker.track_external(out, label)
+    dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16 if out.device.type == "cpu" else torch.float16
+    with tracker:
+        base = tracker.live()
+        with torch.autocast(out.device.type, dtype=dtype, enabled=bool(amp)):
+            value = loss(out, label).mean()
+        saved = tracker.live() - base
+        phase[0] = "backward"
+        value.backward()
+    return max(seen["forward"] - base, saved), saved, max(seen["backward"] - base, 0)
+
+
+def loss_memory(
+    loss: Callable[..., torch.Tensor],
+    out_shape: Sequence[int],
+    label: LabelBatch,
+    *,
+    spatial_dims: int,
+    out_dtype: torch.dtype = torch.float32,
+    amp: bool | torch.dtype = False,
+    sizes: Sequence[int] = (8, 12, 16),
+) -> LossMemory:
+    """The memory ``loss(out, label)`` adds to a training step whose network output has ``out_shape``.
+
+    First on fake tensors at the real size (exact). A loss that reads data cannot run there (MONAI's losses
+    call ``.tolist()`` on their reduction axes); it is then run for real on zero labels at small outputs (the
+    last ``spatial_dims`` sizes of output and label set to each of ``sizes``), where its memory is exact, and
+    each figure is extended to the real number of voxels along the line through the smallest and largest size.
+    A segmentation loss's temporaries are output- or label-sized (softmax, one-hot, products) or per channel
+    (sums), so the line is exact; the middle size checks it, and where it is off (a loss with other terms) each
+    figure takes the largest of the three lines' values instead, an upper bound for such a term.
+
+    Raises:
+        ValueError: when the loss fails on an output and label of these shapes (the message says which).
+    """
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    out_shape, grad_bytes = tuple(out_shape), math.prod(out_shape) * torch.empty((), dtype=out_dtype).element_size()
+    try:
+        with _fake_mode():
+            out = torch.randn(out_shape, dtype=out_dtype, requires_grad=True)
+            forward, saved, backward = _loss_phases(loss, out, label.make(), amp)
+        return LossMemory(forward, saved, backward, grad_bytes)
+    except (DataDependentOutputException, DynamicOutputShapeException, NotImplementedError):
+        pass  # a loss that reads data (or an operator fake tensors lack): measured for real at small sizes
+    except Exception as error:  # noqa: BLE001 - the user's loss; its own message says what is wrong
+        raise _loss_error(loss, out_shape, label, error) from error
+
+    def small(shape: tuple[int, ...], size: int) -> tuple[int, ...]:
+        return (*shape[: len(shape) - spatial_dims], *(size,) * spatial_dims)
+
+    points = []
+    for size in sizes:
+        out = torch.randn(small(out_shape, size), dtype=out_dtype, requires_grad=True)
+        try:
+            points.append((out.numel(), _loss_phases(loss, out, LabelBatch(small(label.shape, size), label.dtype).make(),
+                                                     amp)))
+        except Exception as error:  # noqa: BLE001
+            raise _loss_error(loss, out.shape, label, error) from error
+    target = math.prod(out_shape)
+    lines = [(points[i], points[j]) for i, j in ((0, -1), (0, 1), (1, -1))]
+
+    def at(k: int, line: tuple) -> float:
+        (v0, f0), (v1, f1) = line
+        return f0[k] + (f1[k] - f0[k]) * (target - v0) / (v1 - v0)
+
+    straight = all(abs(at(k, lines[0]) - at(k, lines[1])) <= 64 + 1e-3 * abs(at(k, lines[0])) for k in range(3))
+    figures = [math.ceil(at(k, lines[0]) if straight else max(at(k, line) for line in lines)) for k in range(3)]
+    method = (f"real at output sizes {', '.join('x'.join([str(s)] * spatial_dims) for s in sizes)}, scaled by voxels"
+              + ("" if straight else " (not linear: upper bound)"))
+    forward, saved, backward = figures
+    return LossMemory(max(forward, saved), saved, max(backward, grad_bytes), grad_bytes, method)
+
+
+def _loss_error(loss: Any, out_shape: Sequence[int], label: LabelBatch, error: Exception) -> ValueError:
+    return ValueError(
+        f"the loss {type(loss).__name__} fails on the network's output of shape {tuple(out_shape)} and a label batch "
+        f"of shape {label.shape} ({str(label.dtype).replace('torch.', '')}): {type(error).__name__}: {error}. "
+        "Describe the label batch as the loss expects it: label='index' (B, 1, *spatial class indices, for "
+        "to_onehot_y / cross-entropy losses), 'channels' (B, out_channels, *spatial, for sigmoid or one-hot "
+        "targets), or an example tensor; and give a loss that takes the network's output as it is (a DynUNet "
+        "with deep supervision outputs (B, 1 + deep_supr_num, C, *spatial) in training)."
+    )
+
+
+class _StandInFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, memory: LossMemory) -> torch.Tensor:  # noqa: ANN001
+        kept = out.new_empty((memory.saved,), dtype=torch.uint8)
+        out.new_empty((max(0, memory.forward_peak - memory.saved),), dtype=torch.uint8)  # freed at once
+        ctx.kept, ctx.memory, ctx.shape, ctx.dtype = kept, memory, out.shape, out.dtype
+        return out.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        memory = ctx.memory
+        grad_out = grad.new_zeros(ctx.shape, dtype=ctx.dtype)
+        rest = memory.backward_peak - memory.saved - memory.grad_bytes
+        grad.new_empty((max(0, rest),), dtype=torch.uint8)  # freed at once
+        ctx.kept = None
+        return grad_out, None
+
+
+class LossStandIn:
+    """A loss that uses, in a training step, the memory `loss_memory` measured for a real one: its forward
+    allocates what the loss's forward peaks at and keeps what it saves, its backward what the loss's backward
+    peaks at, and it returns a gradient of the output's shape and dtype. It runs on fake tensors, so a step with
+    a loss that reads data can be measured at clinical sizes."""
+
+    def __init__(self, memory: LossMemory) -> None:
+        self.memory = memory
+
+    def __call__(self, out: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return _StandInFunction.apply(out, self.memory)
 
 
 def step_time_ratios(
@@ -335,6 +531,21 @@ class BlockCost:
     cheap_tail_s: float | None = None
 
 
+def device_clock(device: str | torch.device) -> Callable[[], float]:
+    """The clock a profile times operators with: on the CPU this process's CPU time (which other processes on a
+    shared machine do not inflate); on CUDA wall time after ``torch.cuda.synchronize`` (an operator's time is
+    then its kernels' time)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        def cuda_clock() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return cuda_clock
+    if device.type != "cpu":
+        raise ValueError(f"times can be measured on 'cpu' or 'cuda' devices, got {str(device)!r}.")
+    return time.process_time
+
+
 def _storages(*tensors: torch.Tensor) -> dict[int, torch.UntypedStorage]:
     """Storages by id; the dict holds them, so an id cannot be reused while it is in use."""
     return {id(st): st for st in (t.untyped_storage() for t in tensors)}
@@ -349,9 +560,10 @@ class _OpRecorder(TorchDispatchMode):
     used, and, when timing, the time of all operators and of the others (what a cheap checkpoint recomputes),
     and both as they stood when the last tensor was saved for backward (call `saved()` from a pack hook)."""
 
-    def __init__(self, params: dict[int, torch.UntypedStorage], timing: bool) -> None:
+    def __init__(self, params: dict[int, torch.UntypedStorage], timing: bool,
+                 clock: Callable[[], float] = time.process_time) -> None:
         super().__init__()
-        self.params, self.timing = params, timing
+        self.params, self.timing, self.clock = params, timing, clock
         self.kept: dict[int, torch.UntypedStorage] = {}
         self.used: dict[int, torch.UntypedStorage] = {}
         self.ops_s = self.recompute_s = 0.0
@@ -361,9 +573,9 @@ class _OpRecorder(TorchDispatchMode):
         self.at_last_save = (self.ops_s, self.recompute_s)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        t0 = time.process_time()
+        t0 = self.clock() if self.timing else 0.0
         out = func(*args, **(kwargs or {}))
-        seconds = time.process_time() - t0 if self.timing else 0.0
+        seconds = self.clock() - t0 if self.timing else 0.0
         self.ops_s += seconds
         if cheap_keeps(func):
             self.kept.update(_storages(*(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))))
@@ -382,17 +594,27 @@ def block_costs(
     estimate: bool = False,
     repeats: int = 3,
     amp: bool = False,
+    device: str | torch.device = "cpu",
+    clock: Callable[[], float] | None = None,
 ) -> list[BlockCost]:
     """Per-block costs of ``factory()``, a monai_ckpt network, on a batch of ``input_shape``.
 
     The blocks run in the network's own order (the chain its policies checkpoint), without checkpointing,
     under autocast when ``amp``; saved tensors are counted once per storage. Times are the median of
-    ``repeats`` runs after a warm-up run (the first run at a shape also pays one-off kernel set-up).
+    ``repeats`` runs after a warm-up run (the first run at a shape also pays one-off kernel set-up), on
+    ``device`` with `device_clock` (CPU: process CPU time; CUDA: wall time after synchronising, per operator) or
+    the ``clock`` given.
     """
+    device = torch.device(device)
+    clock = clock or device_clock(device)
     with _fake_mode() if estimate else contextlib.nullcontext():
         model = _build(factory, estimate).train()
+        if device.type != "cpu" and not estimate:
+            model.to(device)
         steps = model._chain_steps()
-        x = torch.randn(*input_shape)
+        # fakes live where the network's (fake) parameters are: a CUDA network's fakes are CUDA fakes
+        where = device if not estimate else next((p.device for p in model.parameters()), torch.device("cpu"))
+        x = torch.randn(*input_shape, device=where)
         params = _storages(*model.parameters())
         # per block, one record per timed run: forward, cheap recompute, tail, cheap tail
         timings: dict[str, list[tuple[float, float, float, float]]] = {s.block: [] for s in steps}
@@ -403,20 +625,21 @@ def block_costs(
                 before = _storages(h, *stack)
                 inputs = _storages(h, *stack[len(stack) - step.pops :]) if step.pops else _storages(h)
                 saved: dict[int, torch.UntypedStorage] = {}
-                recorder = _OpRecorder(params, timing=not estimate)
+                recorder = _OpRecorder(params, timing=not estimate, clock=clock)
 
                 def pack(t: torch.Tensor, saved=saved, before=before, recorder=recorder) -> torch.Tensor:
                     saved.update((k, st) for k, st in _storages(t).items() if k not in params and k not in before)
                     recorder.saved()
                     return t
 
-                t0 = time.process_time()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                t0 = clock()
+                amp_dtype = torch.bfloat16 if x.device.type == "cpu" else torch.float16
+                with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp):
                     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
                         outs = run_steps([step], h, *stack)
                 if rep > 0:  # the first run is the warm-up (and, in estimate mode, the only one: no times)
                     ops_at_save, recompute_at_save = recorder.at_last_save
-                    timings[step.block].append((time.process_time() - t0, recorder.recompute_s,
+                    timings[step.block].append((clock() - t0, recorder.recompute_s,
                                                 recorder.ops_s - ops_at_save, recorder.recompute_s - recompute_at_save))
                 h, stack = outs[0], list(outs[1 : len(outs) - step.emit])
                 if rep == 0:  # what it passes on: every tensor it made that outlives it
@@ -458,7 +681,7 @@ def memory_timeline(
     def after_operator(tracker: Any, func: Any, out: Any) -> None:
         points.append((len(points), tracker.live_bytes(), tracker.phase))
 
-    with _steady_state(factory, input_shape, estimate, torch.device("cpu"), optimizer, amp) as (model, opt, x):
+    with _steady_state(factory, input_shape, estimate, torch.device("cpu"), optimizer, amp) as (model, opt, x, _):
         _run_tracked_step(model, opt, x, amp, after_operator)
     return points
 
@@ -572,7 +795,7 @@ def peak_tensors(
                     live.append(LiveTensor(winfo.mem_consumed, category, *made.get(st, ("", "", "setup", (), ""))))
             best[:] = [total, str(func), tracker.phase, live]
 
-    with _steady_state(factory, input_shape, estimate, torch.device("cpu"), optimizer, amp) as (model, opt, x):
+    with _steady_state(factory, input_shape, estimate, torch.device("cpu"), optimizer, amp) as (model, opt, x, _):
         for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):
             label(p, "parameter" if isinstance(p, nn.Parameter) else "buffer", name, "setup")
         for state in (opt.state.values() if opt is not None else ()):

@@ -409,3 +409,33 @@ def test_resume_with_a_different_save_dict_is_a_clear_error(tmp_path):
         trainer.run()
     with pytest.raises(ValueError, match="save_interval"):
         ResumableCheckpoint(tmp_path, {"network": net}, save_interval=-1)
+
+
+def test_budget_policy_plans_with_the_engines_loss_and_label_batch():
+    """{"budget_gb": X} under MemoryEfficientUpdate plans the trainer's own step: its loss_function on a label batch
+    of the loader's shape and dtype (here DiceCE on an integer label map of 6 classes), and that plan fits the budget
+    when the step is measured with that loss (real tensors); accumulation and bf16 autocast on top."""
+    from monai.losses import DiceCELoss
+
+    from monai_ckpt.profiling import LabelBatch
+
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    shape, label = (2, 1, 16, 16, 16), LabelBatch((2, 1, 16, 16, 16), torch.int64)
+    net = CheckpointUNet(3, 1, 6, (4, 8, 16), (2, 2), num_res_units=1)
+    plain, least = (measure_step_memory(lambda p=p: replica(net, p), shape, optimizer="sgd", amp=True, loss=loss,
+                                        label=label).peak for p in ("none", "all"))
+    budget = (least + 0.5 * (plain - least)) / 2**30
+    net.checkpoint_policy = {"budget_gb": budget, "optimizer": "sgd"}
+    g = torch.Generator().manual_seed(0)
+    data = [{"image": torch.randn(1, 16, 16, 16, generator=g), "label": torch.randint(0, 6, (1, 16, 16, 16), generator=g)}
+            for _ in range(4)]
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    trainer = SupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=loader, network=net, amp=True,
+                                optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=loss, decollate=False,
+                                iteration_update=MemoryEfficientUpdate(accumulation_steps=2))
+    trainer.run()
+    p = net.checkpoint_plan
+    assert p.loss.startswith("DiceCELoss") and p.label_shape == shape and p.amp and p.policy != "none"
+    measured = measure_step_memory(lambda: replica(net, p.policy), shape, optimizer="sgd", amp=True, loss=loss,
+                                   label=label).peak
+    assert measured <= budget * 2**30 and abs(p.predicted_peak_bytes - measured) <= 0.05 * measured

@@ -1,6 +1,8 @@
 """The planner: plans fit their budget (measured), predictions are accurate, the DP is exact, budget policies."""
 
 import itertools
+import re
+import time
 import json
 import math
 
@@ -83,7 +85,7 @@ def test_dynamic_program_is_exact_against_brute_force():
     options = [planner._segment_options(prof, blocks, grads) for _, blocks in prof.segments]
     combos = list(itertools.product(*options))
     assert len(combos) > 50
-    peaks = sorted({prof.fixed_bytes + _chain_peak(c) for c in combos})
+    peaks = sorted({prof.fixed_bytes + _chain_peak(c, prof.loss_bytes) for c in combos})
     for limit in peaks[:: max(1, len(peaks) // 12)]:
         feasible = [sum(o.time for o in c) for c in combos if _fits(prof, c, limit)]
         solved = planner._solve(prof, limit, options)
@@ -100,15 +102,15 @@ def _fits(prof, combo, limit):
         if prof.fixed_bytes + kept + opt.peak > limit:
             return False
         kept += opt.kept
-    return True
+    return prof.fixed_bytes + kept + prof.loss_bytes <= limit  # the loss runs on top of all the forward kept
 
 
-def _chain_peak(combo):
+def _chain_peak(combo, loss_bytes=0):
     kept, peak = 0, 0
     for opt in combo:
         peak = max(peak, kept + opt.peak)
         kept += opt.kept
-    return peak
+    return max(peak, kept + loss_bytes)
 
 
 def test_plan_is_never_slower_than_the_fastest_fixed_policy_that_fits():
@@ -221,8 +223,9 @@ def test_cli(capsys, tmp_path, monkeypatch):
     assert written["fits"] is True and written["policy"] != "none" and written["max_batch_size"] >= 2
     assert main(["--network", "unet", "--budget-gb", "0.0001", "--shape", "32", "32", "32"]) == 2
     assert "smallest peak reachable" in capsys.readouterr().err
-    assert main(["--network", "unet", "--table", "--budgets", "-1"]) == 2
-    assert "budget_gb must be a positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # checked up front, before any search
+        main(["--network", "unet", "--table", "--budgets", "-1"])
+    assert exit_.value.code == 2 and "--budgets: must be a positive number" in capsys.readouterr().err
 
 
 def test_segment_options_cut_segments_into_runs():
@@ -247,3 +250,155 @@ def test_segment_options_cut_segments_into_runs():
     assert labels == ["+".join(names[:2]), names[2]]
     groups = resolve_policy(json.loads(json.dumps(policy)), net.checkpoint_segments())
     assert [(g.names, g.mode) for g in groups] == [(tuple(names[:2]), "full"), ((names[2],), "cheap")]
+
+
+# --- the user's loss, one search, reproducibility, devices -------------------------------------------------------
+
+MANY = dict(spatial_dims=3, in_channels=1, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+
+
+def _loss(name):
+    from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
+
+    return {
+        "dicece": (DiceCELoss(to_onehot_y=True, softmax=True), "index"),
+        "dice_sigmoid": (DiceLoss(sigmoid=True), "channels"),
+        # DynUNet's training output is stacked (B, 1 + deep_supr_num, C, ...): the loss takes the heads apart
+        "deep_supervision": (lambda out, y, ds=DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True)):
+                             ds(list(torch.unbind(out, 1)), y), "index"),
+    }[name]
+
+
+@pytest.mark.parametrize("name, classes", [("dicece", 14), ("dice_sigmoid", 104), ("deep_supervision", 2)])
+def test_plans_with_the_users_loss_fit_and_predict_within_5_percent(name, classes):
+    """The step planned is the user's: their loss on a label batch of the right shape and dtype. The plan's real
+    peak (MemTracker, real tensors, the real loss) fits the budget and is within 5% of the prediction; a plan made
+    for the default loss at the same budget is checked against the same measurement."""
+    from monai_ckpt.profiling import LabelBatch
+
+    loss, label = _loss(name)
+    if name == "deep_supervision":
+        net, shape = CheckpointDynUNet(**DYNUNET), (1, 2, 16, 16, 16)
+    else:
+        net, shape = CheckpointUNet(**MANY, out_channels=classes), (1, 1, 16, 16, 16)
+    labels = LabelBatch((shape[0], 1 if label == "index" else classes, *shape[2:]),
+                        torch.int64 if label == "index" else torch.float32)
+    real = lambda policy: measure_step_memory(lambda: planner._replica(net, policy), shape, loss=loss,
+                                              label=labels).peak
+    plain, least = real("none"), real("all")
+    budget = least + 0.6 * (plain - least)
+    p = plan(net, shape[2:], budget / GiB, batch_size=shape[0], loss=loss, label=label)
+    measured = real(p.policy)
+    assert p.fits and measured <= p.budget_bytes and p.label_shape == labels.shape, (p, measured)
+    assert abs(p.predicted_peak_bytes - measured) <= 0.05 * measured and abs(p.plain_peak_bytes - plain) <= 64
+    if classes == 104:  # outputs (and the loss's temporaries) grow with the classes: they dominate the step
+        assert plain > 4 * measure_step_memory(lambda: CheckpointUNet(**MANY, out_channels=2), shape, loss=loss,
+                                               label=LabelBatch((1, 2, *shape[2:]), torch.float32)).peak
+
+
+def test_bad_losses_and_labels_are_clear_errors():
+    from monai.losses import DiceLoss
+
+    net = CheckpointUNet(**MANY, out_channels=3)
+    for kwargs, match in [
+        (dict(loss=DiceLoss(sigmoid=True)), r"fails on the network's output of shape \(1, 3, 32, 32, 32\) and a label"),
+        (dict(loss=DiceLoss(sigmoid=True), label=torch.zeros(1, 5, 32, 32, 32)), "5 channels but the network outputs 3"),
+        (dict(loss=DiceLoss(sigmoid=True), label=torch.zeros(1, 3, 16, 32, 32)), r"should be \(batch 1, 1 or 3"),
+        (dict(loss=DiceLoss(sigmoid=True), label="onehot"), "label must be 'index'"),
+        (dict(loss="dice"), "loss must be a callable"),
+        (dict(headroom_gb=0), "headroom_gb must be a positive"),
+        (dict(headroom_gb=-1.0), "headroom_gb must be a positive"),
+        (dict(headroom_gb=2.0), "leaves nothing of the 1 GiB budget"),
+        (dict(device="cuda"), "parameters are on cpu, not cuda"),
+        (dict(device="tpu:x"), "is not a torch device"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            plan(net, (32, 32, 32), 1.0, **kwargs)
+
+
+def test_one_search_every_budget_above_the_exhaustive_least_peak_is_planned():
+    """A small UNet: every way to cut its chain into consecutive runs, each plain or fully recomputed, measured
+    (fake tensors). plan() refuses no budget at or above the least of them, and every plan fits its budget."""
+    net = CheckpointUNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,),
+                         num_res_units=1)
+    shape = (1, 1, 16, 16, 16)
+    names = [step.block for step in net._chain_steps()]
+    peaks = {}
+    for cuts in itertools.product((False, True), repeat=len(names) - 1):
+        runs, run = [], [names[0]]
+        for name, cut in zip(names[1:], cuts):
+            if cut:
+                runs.append(run)
+                run = []
+            run.append(name)
+        runs.append(run)
+        for modes in itertools.product((False, True), repeat=len(runs)):
+            policy = [r for r, full in zip(runs, modes) if full] or "none"
+            peaks[json.dumps(policy)] = _measured(net, policy, shape, estimate=True)
+    least, plain = min(peaks.values()), peaks['"none"']
+    assert len(peaks) > 50 and least < plain
+    for fraction in (0.0, 0.1, 0.3, 0.6):
+        budget = least + fraction * (plain - least)
+        p = plan(net, shape[2:], budget / GiB)
+        assert p.fits and _measured(net, p.policy, shape) <= budget, (fraction, p)
+    with pytest.raises(ValueError, match="smallest peak reachable") as refused:
+        plan(net, shape[2:], 0.8 * least / GiB)
+    assert "checkpoint_policy=" in str(refused.value)
+    # plan() reaches the patch the capacity search finds (it used to refuse the README's 464^3 in 8 GiB)
+    budget = _measured(net, "none", (1, 1, 32, 32, 32), estimate=True) / GiB
+    edge = planner.max_patch_edge(net, budget, max_edge=64)
+    assert edge > 32 and plan(net, (edge,) * 3, budget).fits
+
+
+def test_the_same_question_gets_the_same_plan_and_plans_keep_headroom():
+    net = CheckpointUNet(**MANY, out_channels=2)
+    plain = _measured(net, "none", (2, 1, 16, 16, 16), estimate=True)
+    budget = 0.8 * plain / GiB
+    first = plan(net, (16, 16, 16), budget, batch_size=2)
+    again = plan(CheckpointUNet(**MANY, out_channels=2), (16, 16, 16), budget, batch_size=2)  # a new, equal network
+    assert again.policy == first.policy and again.predicted_time_ratio == first.predicted_time_ratio
+    # headroom: the tensors are planned into budget - headroom, and the plan says what to expect on the device
+    roomy = plan(net, (16, 16, 16), budget, batch_size=2, headroom_gb=0.1 * budget)
+    assert roomy.predicted_peak_bytes <= roomy.budget_bytes - roomy.headroom_bytes
+    assert roomy.expected_reserved_bytes == roomy.predicted_peak_bytes + roomy.headroom_bytes
+    assert roomy.expected_allocated_bytes == roomy.predicted_peak_bytes
+    # the CUDA default (a stand-in device: the rule, not a GPU): 10% of the budget, at least 0.25 GiB
+    assert planner._headroom_bytes(None, 8 * GiB, torch.device("cuda")) == int(0.8 * GiB)
+    assert planner._headroom_bytes(None, 1 * GiB, torch.device("cuda")) == int(0.25 * GiB)
+    assert planner._headroom_bytes(None, 8 * GiB, torch.device("cpu")) == 0
+
+
+def test_block_times_use_the_devices_clock():
+    """Times come from the clock of the network's device (a stand-in clock here: each reading advances 1 s)."""
+    from monai_ckpt.profiling import block_costs, device_clock
+
+    ticks = itertools.count()
+    costs = block_costs(lambda: CheckpointUNet(**MANY, out_channels=2), (1, 1, 16, 16, 16), repeats=1,
+                        clock=lambda: float(next(ticks)))
+    assert all(c.forward_s >= 1 and float(c.forward_s).is_integer() for c in costs)
+    assert device_clock("cpu") is time.process_time
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        device_clock("meta")
+
+
+@pytest.mark.parametrize("cli, argv, message", [
+    ("benchmark", ["--batch", "-1", "--estimate"], "--batch: must be a positive integer"),
+    ("benchmark", ["--batch", "0"], "--batch: must be a positive integer"),
+    ("benchmark", ["--steps", "0"], "--steps: must be a positive integer"),
+    ("benchmark", ["--in-channels", "0"], "--in-channels: must be a positive integer"),
+    ("benchmark", ["--shape", "60", "60", "60"], r"pad to \(64, 64, 64\)"),
+    ("plan", ["--budget-gb", "8", "--in-channels", "0"], "--in-channels: must be a positive integer"),
+    ("plan", ["--spatial-dims", "2", "--shape", "64", "64", "64", "--budget-gb", "1"], "contradicts --shape"),
+    ("plan", ["--budget-gb", "-2"], "--budget-gb: must be a positive number"),
+    ("plan", ["--shape", "60", "60", "60", "--budget-gb", "1"], r"pad to \(64, 64, 64\)"),
+    ("plan", ["--budget-gb", "1", "--loss", "dicece"], "give --shape"),
+])
+def test_cli_arguments_are_checked_up_front(capsys, cli, argv, message):
+    import monai_ckpt.benchmark
+    import monai_ckpt.plan
+
+    with pytest.raises(SystemExit) as exit_:
+        {"benchmark": monai_ckpt.benchmark.main, "plan": monai_ckpt.plan.main}[cli](argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()[-1]) > 20
+    assert re.search(message, err.strip().splitlines()[-1]), err

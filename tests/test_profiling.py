@@ -168,3 +168,24 @@ def test_cli_plot_and_scenarios(tmp_path, capsys, monkeypatch):
     assert main(["--scenarios", "--policies", "all"]) == 0
     out = capsys.readouterr().out
     assert "tiny CT" in out and "1x48x48x16" in out and "4x32x32x32" in out  # padded to multiples of 16
+
+
+@pytest.mark.parametrize("name", ["dicece", "focal"])
+def test_a_loss_measured_at_small_sizes_replays_exactly_in_a_fake_step(name):
+    """MONAI's DiceCE reads data (.tolist() of its reduction axes): loss_memory measures it for real at small outputs
+    and scales by voxels; FocalLoss runs on fake tensors. Either way the fake step with LossStandIn has the peak of the
+    real step with the real loss, to the byte (14 classes: the loss dominates the output-sized terms)."""
+    from monai.losses import DiceCELoss, FocalLoss
+
+    from monai_ckpt.profiling import LabelBatch, LossStandIn, loss_memory
+
+    loss = {"dicece": DiceCELoss(to_onehot_y=True, softmax=True),
+            "focal": FocalLoss(to_onehot_y=True, use_softmax=True)}[name]
+    make = lambda: CheckpointUNet(3, 1, 14, (4, 8, 16), (2, 2), num_res_units=1, checkpoint_policy="all")
+    shape, label = (1, 1, 32, 32, 32), LabelBatch((1, 1, 32, 32, 32), torch.int64)
+    memory = loss_memory(loss, (1, 14, 32, 32, 32), label, spatial_dims=3)
+    assert memory.method.startswith("real at output sizes" if name == "dicece" else "fake tensors")
+    real = measure_step_memory(make, shape, loss=loss, label=label).peak
+    fake = measure_step_memory(make, shape, estimate=True, loss=LossStandIn(memory), label=label).peak
+    default = measure_step_memory(make, shape).peak
+    assert abs(fake - real) <= 64 and real > default  # the loss value itself: a few bytes

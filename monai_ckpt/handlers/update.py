@@ -18,7 +18,8 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from ..policies import PolicySpec, validate_policy
+from ..planner import planning_loss
+from ..policies import PolicySpec, is_budget_policy, validate_policy
 
 __all__ = ["DEFAULT_OOM_LADDER", "MemoryEfficientUpdate", "policy_network"]
 
@@ -103,6 +104,9 @@ class MemoryEfficientUpdate:
       ``amp_dtype`` (or ``amp_kwargs["dtype"]`` of the trainer) says otherwise. With float16 the trainer's
       GradScaler (MONAI creates it in ``run()``; it is disabled where CUDA is not available) scales each
       micro-step's loss and steps/updates once per window; bfloat16 needs no scaler.
+    - **Budget policies**: a network with ``checkpoint_policy={"budget_gb": X}`` plans its step with the
+      trainer's ``loss_function`` and the label batch's shape and dtype (`monai_ckpt.planner.planning_loss`),
+      per micro-batch shape, under the trainer's autocast; under DDP rank 0 plans and broadcasts the plan.
     - **Out-of-memory recovery**: when the forward or backward raises ``torch.OutOfMemoryError``, the
       network's ``checkpoint_policy`` is set to the next, more aggressive entry of ``oom_ladder`` and the same
       batch is run again: the batch is not skipped. If the backward had started, gradients already hold part
@@ -266,8 +270,12 @@ class MemoryEfficientUpdate:
         device_type = torch.device(engine.state.device).type
         autocast = torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
         ddp = isinstance(engine.network, nn.parallel.DistributedDataParallel)
+        holder = policy_network(engine.network)
+        planning = contextlib.nullcontext()
+        if holder is not None and is_budget_policy(holder.checkpoint_policy) and isinstance(targets, torch.Tensor):
+            planning = planning_loss(engine.loss_function, targets)  # a budget plans the engine's own step
         with engine.network.no_sync() if ddp and not sync else contextlib.nullcontext():
-            with autocast:
+            with autocast, planning:
                 output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
                 if fire:
                     engine.fire_event(IterationEvents.FORWARD_COMPLETED)

@@ -10,7 +10,15 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-__all__ = ["NATURAL_BLOCKS", "NETWORKS", "PARENT_OWN_CHECKPOINT", "network_factory", "padded_shape"]
+__all__ = [
+    "NATURAL_BLOCKS",
+    "NETWORKS",
+    "PARENT_OWN_CHECKPOINT",
+    "network_factory",
+    "padded_shape",
+    "positive_int",
+    "shape_error",
+]
 
 
 def _unet(spatial_dims: int, in_channels: int) -> dict:
@@ -80,3 +88,30 @@ def padded_shape(network: str, shape: Sequence[int], in_channels: int) -> tuple[
     """``shape`` padded up to the next size the network takes."""
     multiple = network_factory(network, len(shape), in_channels)().size_multiple()
     return tuple(-(-int(s) // m) * m for s, m in zip(shape, multiple))
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a positive integer, or a one-line error that says so."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def shape_error(network: str, shape: Sequence[int], in_channels: int) -> str | None:
+    """Why the CLIs' ``network`` cannot take a patch of ``shape`` (what it would take instead), or None."""
+    import torch
+
+    if len(shape) not in (2, 3) or any(s < 1 for s in shape):
+        return f"--shape takes 2 or 3 positive sizes (H W or D H W), got {' '.join(map(str, shape))}"
+    net = network_factory(network, len(shape), in_channels)()
+    try:
+        net._check_input(torch.empty((1, in_channels, *shape), device="meta"))
+    except ValueError as error:
+        return str(error)
+    return None
