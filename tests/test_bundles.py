@@ -40,7 +40,7 @@ from monai_ckpt.data import (
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 BRAIN = BUNDLES / "brain_tissue_segmentation"
-SPLEEN = BUNDLES / "spleen_ct_segmentation"
+SPLEEN = BUNDLES / "spleen_ct_ckpt_segmentation"
 SCHEMA = BUNDLES / "meta_schema.json"
 MNI152 = REPO.parent / "shared" / "data" / "mni152"
 

@@ -52,7 +52,7 @@ def _write_dataset_json(output: Path, name: str, description: str, labels: Mappi
         **(extra or {}),
     }
     with atomic_path(output / "dataset.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.write_text(json.dumps(meta, indent=4) + "\n")  # the model zoo's pretty-format-json form
 
 
 def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
