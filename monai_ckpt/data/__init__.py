@@ -15,7 +15,7 @@
 from ..io import atomic_path
 from .checks import DataCheckError, check_datalist, load_checked_datalist
 from .cli import main
-from .errors import install_brief_errors
+from .errors import brief_error, install_brief_errors
 from .datasets import BRAIN_TISSUE_LABELS, make_brain_tissue_dataset, make_multichannel_dataset, make_synthetic_dataset
 from .overlay import save_bundle_overlay, save_overlay_png
 from .writers import AtomicNibabelWriter, save_nifti_atomic
@@ -25,6 +25,7 @@ __all__ = [
     "AtomicNibabelWriter",
     "DataCheckError",
     "atomic_path",
+    "brief_error",
     "check_datalist",
     "install_brief_errors",
     "load_checked_datalist",

@@ -14,7 +14,7 @@ from types import TracebackType
 
 from .checks import DataCheckError
 
-__all__ = ["FULL_TRACEBACK_ENV", "install_brief_errors", "user_error"]
+__all__ = ["FULL_TRACEBACK_ENV", "brief_error", "install_brief_errors", "user_error"]
 
 FULL_TRACEBACK_ENV = "MONAI_CKPT_TRACEBACK"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +46,21 @@ def user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def brief_error(exc: BaseException) -> str | None:
+    """The short report `install_brief_errors` prints for ``exc``: a line saying the traceback is hidden, the
+    config item MONAI was evaluating, and last ``error: <type>: <message>``; ``None`` when ``exc`` is not a
+    user's mistake (see `user_error`)."""
+    cause = user_error(exc)
+    if cause is None:
+        return None
+    where = [str(e).splitlines()[0] for e in _chain(exc) if e is not cause and isinstance(e, RuntimeError)]
+    lines = [f"(traceback hidden: set {FULL_TRACEBACK_ENV}=1 to see it)"]
+    if where:
+        lines.append(f"while running the bundle: {where[-1]}")
+    lines.append(f"error: {type(cause).__name__}: {cause}")
+    return "\n".join(lines)
+
+
 def install_brief_errors() -> None:
     """Install a ``sys.excepthook`` that reports a user's mistake (see `user_error`) in a few lines on stderr:
     which config item failed, then the message naming the file or value and the fix, last. Other exceptions,
@@ -61,16 +76,11 @@ def install_brief_errors() -> None:
     previous = sys.excepthook
 
     def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
-        cause = user_error(exc)
-        if cause is None or os.environ.get(FULL_TRACEBACK_ENV, "") not in ("", "0"):
+        report = brief_error(exc)
+        if report is None or os.environ.get(FULL_TRACEBACK_ENV, "") not in ("", "0"):
             previous(exc_type, exc, tb)
             return
-        where = [str(e).splitlines()[0] for e in _chain(exc) if e is not cause and isinstance(e, RuntimeError)]
-        lines = [f"(traceback hidden: set {FULL_TRACEBACK_ENV}=1 to see it)"]
-        if where:
-            lines.append(f"while running the bundle: {where[-1]}")
-        lines.append(f"error: {type(cause).__name__}: {cause}")
-        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.write(report + "\n")
         sys.stderr.flush()
 
     hook._monai_ckpt_brief = True  # type: ignore[attr-defined]
