@@ -124,7 +124,8 @@ def test_torchscript_exclusion_is_declared_where_it_is_needed():
             needs.add(name)
     assert set(excluded) == needs == {"brain_tumor_mri_segmentation"}
     assert all("torch.jit.script" in reason and "use_trace" in reason for reason in excluded.values())
-    assert "exclude_verify_torchscript_list" in (BUNDLES / "brain_tumor_mri_segmentation" / "docs" / "README.md").read_text()
+    readme = (BUNDLES / "brain_tumor_mri_segmentation" / "docs" / "README.md").read_text()
+    assert "exclude_verify_torchscript_list" in readme
 
 
 # ---------------------------------------------------------------------------------------------------------------

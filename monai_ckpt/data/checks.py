@@ -100,8 +100,8 @@ def _check_item(item: Mapping, index: int, num_classes: int | None, image_key: s
     img_shape, lab_shape = tuple(image.shape[:3]), tuple(label.shape[:3])
     if img_shape != lab_shape:
         raise DataCheckError(f"{paths[label_key]}: label shape {lab_shape} does not match image shape {img_shape} "
-                             f"of {paths[image_key]}; a label must be on its image's voxel grid: resample it onto the image or fix "
-                             "the pairing in the dataset list")
+                             f"of {paths[image_key]}; a label must be on its image's voxel grid: resample it onto "
+                             "the image or fix the pairing in the dataset list")
     if not np.allclose(image.affine, label.affine, atol=atol):
         raise DataCheckError(f"{paths[label_key]}: label affine does not match the affine of {paths[image_key]}:\n"
                              f"{np.array2string(label.affine, precision=3)}\nvs\n"
