@@ -259,3 +259,18 @@ def test_a_bug_keeps_its_traceback():
         raise RuntimeError("wrapped") from ValueError("raised outside monai_ckpt")
     except RuntimeError as e:
         assert brief_error(e) is None
+
+
+def test_missing_weights_at_inference_is_one_clear_message(tmp_path):
+    data = make_synthetic_dataset(tmp_path / "data", num_training=1, num_test=1, shape=(16, 16, 16), num_classes=4)
+    root = tmp_path / "run"
+    overrides = {k: v for k, v in _brain_train_overrides(root, data).items()
+                 if k not in ("max_epochs", "num_val", "num_samples", "progress")}
+    with pytest.raises(RuntimeError) as e:
+        bundle_run(config_file=_cfg(BUNDLES / "brain_tissue_segmentation", "inference"), logging_file=False,
+                   **overrides)
+    last = brief_error(e.value).splitlines()[-1]
+    assert last == (f"error: DataCheckError: {root / 'models' / 'model.pt'}: trained weights not found; train the "
+                    "bundle first (configs/train.json), fetch them from the location in large_files.yml, or run "
+                    "without them: --load_pretrain False")
+    assert not root.exists()

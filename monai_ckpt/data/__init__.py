@@ -13,7 +13,7 @@
 """
 
 from ..io import atomic_path
-from .checks import DataCheckError, check_datalist, load_checked_datalist
+from .checks import DataCheckError, check_datalist, check_weights_file, load_checked_datalist
 from .cli import main
 from .errors import brief_error, install_brief_errors
 from .datasets import BRAIN_TISSUE_LABELS, make_brain_tissue_dataset, make_multichannel_dataset, make_synthetic_dataset
@@ -27,6 +27,7 @@ __all__ = [
     "atomic_path",
     "brief_error",
     "check_datalist",
+    "check_weights_file",
     "install_brief_errors",
     "load_checked_datalist",
     "main",

@@ -13,7 +13,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-__all__ = ["DataCheckError", "check_datalist", "load_checked_datalist"]
+__all__ = ["DataCheckError", "check_datalist", "check_weights_file", "load_checked_datalist"]
 
 
 class DataCheckError(ValueError):
@@ -142,3 +142,17 @@ def load_checked_datalist(
     except (ValueError, json.JSONDecodeError) as e:
         raise DataCheckError(f"{datalist_file}: {e}") from e
     return check_datalist(datalist, num_classes, read_data=read_data, source=datalist_file)
+
+
+def check_weights_file(path: str | os.PathLike) -> str:
+    """``path`` if it is a file, else a `DataCheckError` saying how to get it: a bundle's inference checks its
+    ``models/model.pt`` this way in ``initialize`` before its ``checkpointloader`` reads it.
+
+    Example (a bundle's ``initialize``)::
+
+        "$@load_pretrain and monai_ckpt.data.check_weights_file(@checkpointloader#load_path)"
+    """
+    if not os.path.isfile(path):
+        raise DataCheckError(f"{path}: trained weights not found; train the bundle first (configs/train.json), fetch "
+                             "them from the location in large_files.yml, or run without them: --load_pretrain False")
+    return str(path)
