@@ -111,10 +111,12 @@ def _assert_export_parity(bundle: Path, root: Path, plain: torch.nn.Module, trai
 @pytest.fixture(scope="module")
 def tumor_data(tmp_path_factory) -> Path:
     # 1 x 1 x 2 mm voxels (the bundle resamples to 1 mm), cases in LPS, RAS and PIR
+    # int16 beside float32, .nii beside .nii.gz; 24 x 12 x 24 at 1 mm: smaller than the 16^3 test patch in y
     return make_multichannel_dataset(tmp_path_factory.mktemp("tumor_data"), num_training=3, num_test=1,
-                                     shape=(24, 24, 12), modalities=("FLAIR", "T1w", "t1gd", "T2w"), num_classes=4,
+                                     shape=(24, 12, 12), modalities=("FLAIR", "T1w", "t1gd", "T2w"), num_classes=4,
                                      seed=3, spacing=(1.0, 1.0, 2.0), orientations=("LPS", "RAS", "PIR"),
-                                     labels=MSD_TUMOR_LABELS, name="BRATS")
+                                     labels=MSD_TUMOR_LABELS, name="BRATS", dtypes=("int16", "float32"),
+                                     extensions=(".nii.gz", ".nii"))
 
 
 def test_tumor_labels_are_converted_to_msd_subregions(tumor_data):
@@ -220,7 +222,8 @@ def prostate_data(tmp_path_factory) -> Path:
     return make_multichannel_dataset(tmp_path_factory.mktemp("prostate_data"), num_training=2, num_test=1,
                                      shape=(24, 24, 8), modalities=("T2", "ADC"), num_classes=3, seed=5,
                                      spacing=(0.8, 0.8, 2.5), orientations=("LPS", "RAS"),
-                                     labels=MSD_PROSTATE_LABELS, name="PROSTATE")
+                                     labels=MSD_PROSTATE_LABELS, name="PROSTATE", dtypes=("float32", "int16"),
+                                     extensions=(".nii", ".nii.gz", ".nii.gz"))
 
 
 def test_prostate_configs():

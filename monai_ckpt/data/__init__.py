@@ -7,12 +7,15 @@
 - ``monai_ckpt/data/writers.py``: `AtomicNibabelWriter` (a ``SaveImaged`` writer) and `save_nifti_atomic`: an
   interrupted run never leaves a half-written segmentation.
 - ``monai_ckpt/data/overlay.py``: `save_overlay_png` and `save_bundle_overlay`.
+- ``monai_ckpt/data/errors.py``: `install_brief_errors`: a bundle run ends a user's mistake with one message that
+  names the file and the fix, not a traceback.
 - ``monai_ckpt/data/cli.py``: ``python -m monai_ckpt.data brain-tissue|synthetic|check ...``.
 """
 
 from ..io import atomic_path
-from .checks import DataCheckError, check_datalist, load_checked_datalist
+from .checks import DataCheckError, check_datalist, check_weights_file, load_checked_datalist
 from .cli import main
+from .errors import brief_error, install_brief_errors
 from .datasets import BRAIN_TISSUE_LABELS, make_brain_tissue_dataset, make_multichannel_dataset, make_synthetic_dataset
 from .overlay import save_bundle_overlay, save_overlay_png
 from .writers import AtomicNibabelWriter, save_nifti_atomic
@@ -22,7 +25,10 @@ __all__ = [
     "AtomicNibabelWriter",
     "DataCheckError",
     "atomic_path",
+    "brief_error",
     "check_datalist",
+    "check_weights_file",
+    "install_brief_errors",
     "load_checked_datalist",
     "main",
     "make_brain_tissue_dataset",

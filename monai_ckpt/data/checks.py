@@ -13,7 +13,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-__all__ = ["DataCheckError", "check_datalist", "load_checked_datalist"]
+__all__ = ["DataCheckError", "check_datalist", "check_weights_file", "load_checked_datalist"]
 
 
 class DataCheckError(ValueError):
@@ -24,7 +24,8 @@ def _load_header(path: str) -> nib.spatialimages.SpatialImage:
     try:
         return nib.load(path)
     except Exception as e:  # nibabel raises several types for unreadable files
-        raise DataCheckError(f"{path}: cannot read the image header ({type(e).__name__}: {e})") from e
+        raise DataCheckError(f"{path}: cannot read the image header ({type(e).__name__}: {e}); replace the file with a "
+                             "readable NIfTI or remove it from the dataset list") from e
 
 
 def _read_array(img: nib.spatialimages.SpatialImage, path: str) -> np.ndarray:
@@ -32,7 +33,7 @@ def _read_array(img: nib.spatialimages.SpatialImage, path: str) -> np.ndarray:
         return np.asarray(img.dataobj)
     except Exception as e:  # a truncated .nii.gz raises EOFError/OSError/zlib.error
         raise DataCheckError(f"{path}: cannot read the image data, the file may be truncated "
-                             f"({type(e).__name__}: {e})") from e
+                             f"({type(e).__name__}: {e}); copy it again or remove it from the dataset list") from e
 
 
 def check_datalist(
@@ -89,7 +90,8 @@ def _check_item(item: Mapping, index: int, num_classes: int | None, image_key: s
     paths = {k: str(item[k]) for k in (image_key, label_key) if k in item}
     for key, path in paths.items():
         if not os.path.isfile(path):
-            raise DataCheckError(f"{path}: {key} file not found (item {index})")
+            raise DataCheckError(f"{path}: {key} file not found (item {index}); fix the path in the dataset list or "
+                                 "--dataset_dir")
     imgs = {k: _load_header(p) for k, p in paths.items()}
     arrays = {k: _read_array(img, paths[k]) for k, img in imgs.items()} if read_data else {}
     if label_key not in imgs:
@@ -98,7 +100,8 @@ def _check_item(item: Mapping, index: int, num_classes: int | None, image_key: s
     img_shape, lab_shape = tuple(image.shape[:3]), tuple(label.shape[:3])
     if img_shape != lab_shape:
         raise DataCheckError(f"{paths[label_key]}: label shape {lab_shape} does not match image shape {img_shape} "
-                             f"of {paths[image_key]}")
+                             f"of {paths[image_key]}; a label must be on its image's voxel grid: resample it onto "
+                             "the image or fix the pairing in the dataset list")
     if not np.allclose(image.affine, label.affine, atol=atol):
         raise DataCheckError(f"{paths[label_key]}: label affine does not match the affine of {paths[image_key]}:\n"
                              f"{np.array2string(label.affine, precision=3)}\nvs\n"
@@ -108,7 +111,7 @@ def _check_item(item: Mapping, index: int, num_classes: int | None, image_key: s
         bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < num_classes]
         if bad:
             raise DataCheckError(f"{paths[label_key]}: label values {bad[:10]} are outside the classes "
-                                 f"0..{num_classes - 1}")
+                                 f"0..{num_classes - 1}; fix the label values or the number of classes")
 
 
 def load_checked_datalist(
@@ -131,10 +134,25 @@ def load_checked_datalist(
 
     datalist_file = Path(datalist_file) if datalist_file is not None else Path(dataset_dir) / "dataset.json"
     if not datalist_file.is_file():
-        raise DataCheckError(f"{datalist_file}: dataset list not found (expected Medical Segmentation Decathlon "
-                             "layout: dataset.json, imagesTr/, labelsTr/, imagesTs/)")
+        raise DataCheckError(f"{datalist_file}: dataset list not found; --dataset_dir must name a folder in Medical "
+                             "Segmentation Decathlon layout (dataset.json, imagesTr/, labelsTr/, imagesTs/), or "
+                             "--datalist_file the list")
     try:
         datalist = load_decathlon_datalist(datalist_file, True, data_list_key, dataset_dir)
     except (ValueError, json.JSONDecodeError) as e:
         raise DataCheckError(f"{datalist_file}: {e}") from e
     return check_datalist(datalist, num_classes, read_data=read_data, source=datalist_file)
+
+
+def check_weights_file(path: str | os.PathLike) -> str:
+    """``path`` if it is a file, else a `DataCheckError` saying how to get it: a bundle's inference checks its
+    ``models/model.pt`` this way in ``initialize`` before its ``checkpointloader`` reads it.
+
+    Example (a bundle's ``initialize``)::
+
+        "$@load_pretrain and monai_ckpt.data.check_weights_file(@checkpointloader#load_path)"
+    """
+    if not os.path.isfile(path):
+        raise DataCheckError(f"{path}: trained weights not found; train the bundle first (configs/train.json), fetch "
+                             "them from the location in large_files.yml, or run without them: --load_pretrain False")
+    return str(path)

@@ -52,7 +52,7 @@ def _write_dataset_json(output: Path, name: str, description: str, labels: Mappi
         **(extra or {}),
     }
     with atomic_path(output / "dataset.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.write_text(json.dumps(meta, indent=4) + "\n")  # the model zoo's pretty-format-json form
 
 
 def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -225,6 +225,33 @@ def _nested_ellipsoids(grid: np.ndarray, num_classes: int, rng: np.random.Genera
     return label
 
 
+def _per_case_spacings(spacing: float | Sequence) -> list[list[float]]:
+    if np.isscalar(spacing):
+        return [[float(spacing)] * 3]
+    if all(np.isscalar(s) for s in spacing):
+        return [[float(s) for s in spacing]]
+    return [[float(v) for v in ([s] * 3 if np.isscalar(s) else s)] for s in spacing]
+
+
+def _save_case(output: Path, index: int, labelled: bool, image: np.ndarray, label: np.ndarray, affine: np.ndarray,
+               axcodes: str, dtype: str, extension: str, int_scale: float) -> dict | str:
+    """Write case ``index`` (RAS arrays with their affine) reoriented to ``axcodes``, the image as ``dtype``
+    (an integer dtype stores ``round(value * int_scale)``, like scanner data kept as int16) with file extension
+    ``extension`` (``".nii.gz"`` or ``".nii"``); returns its ``dataset.json`` entry."""
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        image = np.round(image * int_scale)
+    image = image.astype(dtype)
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt(tuple(axcodes)))
+    file = f"case_{index:03d}{extension}"
+    if not labelled:
+        save_nifti_atomic(_nifti(image, affine).as_reoriented(ornt), output / "imagesTs" / file)
+        return f"./imagesTs/{file}"
+    save_nifti_atomic(_nifti(image, affine).as_reoriented(ornt), output / "imagesTr" / file)
+    save_nifti_atomic(_nifti(label, affine).as_reoriented(ornt), output / "labelsTr" / file)
+    return {"image": f"./imagesTr/{file}", "label": f"./labelsTr/{file}"}
+
+
 def make_synthetic_dataset(
     output_dir: str | os.PathLike,
     num_training: int = 3,
@@ -232,10 +259,14 @@ def make_synthetic_dataset(
     shape: Sequence[int] = (32, 32, 32),
     num_classes: int = 4,
     seed: int = 0,
-    spacing: float = 1.5,
+    spacing: float | Sequence = 1.5,
     intensities: Sequence[float] | None = None,
     noise: float = 0.05,
     test_orientation: str = "LPS",
+    orientations: Sequence[str] | None = None,
+    dtypes: Sequence[str] = ("float32",),
+    extensions: Sequence[str] = (".nii.gz",),
+    int_scale: float = 1000.0,
 ) -> Path:
     """Tiny volumes in MSD layout: nested random ellipsoids, class ``k`` inside class ``k - 1``, each class with
     its own mean intensity, plus Gaussian noise. Test images are stored in ``test_orientation`` (LPS by default,
@@ -248,33 +279,39 @@ def make_synthetic_dataset(
         shape: spatial size.
         num_classes: classes including background.
         seed: random seed.
-        spacing: voxel size in mm.
+        spacing: voxel size in mm: one value, one per RAS axis (anisotropic), or a list of those, cycled per case.
         intensities: mean intensity per class; by default ``0, 1, ..., num_classes - 1`` scaled to [0, 1].
         noise: noise standard deviation, relative to the intensity range.
         test_orientation: axis codes of the test images (``"RAS"``, ``"LPS"``, ...).
+        orientations: axis codes per case, cycled over training and test cases (image and label alike); replaces
+            the RAS training / ``test_orientation`` test default.
+        dtypes, extensions, int_scale: see `_save_case`: per case, cycled (``"int16"``; ``".nii"``).
+
+    Example::
+
+        # the quirks of real data: LPS and RAS, 1 x 1 x 2.5 mm voxels, int16 beside float32, .nii beside .nii.gz
+        make_synthetic_dataset("data", shape=(20, 20, 10), spacing=(1.0, 1.0, 2.5), orientations=("LPS", "RAS"),
+                               dtypes=("int16", "float32"), extensions=(".nii", ".nii.gz"))
     """
     output = Path(output_dir)
     rng = np.random.default_rng(seed)
     means = np.asarray(intensities if intensities is not None else np.linspace(0, 1, num_classes), dtype=np.float32)
     grid = _ellipsoid_grid(shape, output)
     training, test = [], []
+    spacings = _per_case_spacings(spacing)
     for i in range(num_training + num_test):
         label = _nested_ellipsoids(grid, num_classes, rng)
         span = float(means.max() - means.min()) or 1.0
         image = (means[label] + rng.normal(0, noise * span, shape)).astype(np.float32)
-        affine = np.diag([spacing, spacing, spacing, 1.0])
+        affine = np.diag([*spacings[i % len(spacings)], 1.0])
         affine[:3, 3] = rng.uniform(-20, 20, 3).round(2)
-        name = f"case_{i:03d}.nii.gz"
-        if i < num_training:
-            save_nifti_atomic(_nifti(image, affine), output / "imagesTr" / name)
-            save_nifti_atomic(_nifti(label, affine), output / "labelsTr" / name)
-            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        if orientations:
+            axcodes = orientations[i % len(orientations)]
         else:
-            img = _nifti(image, affine)
-            ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                                   nib.orientations.axcodes2ornt(tuple(test_orientation)))
-            save_nifti_atomic(img.as_reoriented(ornt), output / "imagesTs" / name)
-            test.append(f"./imagesTs/{name}")
+            axcodes = "RAS" if i < num_training else test_orientation
+        item = _save_case(output, i, i < num_training, image, label, affine, axcodes, dtypes[i % len(dtypes)],
+                          extensions[i % len(extensions)], int_scale)
+        (training if i < num_training else test).append(item)
     labels = {str(k): ("background" if k == 0 else f"class {k}") for k in range(num_classes)}
     _write_dataset_json(output, "synthetic", "nested ellipsoids (monai_ckpt.data.make_synthetic_dataset)", labels,
                         "synthetic", training, test)
@@ -294,6 +331,9 @@ def make_multichannel_dataset(
     noise: float = 0.05,
     labels: Mapping[str, str] | None = None,
     name: str = "synthetic multi-channel",
+    dtypes: Sequence[str] = ("float32",),
+    extensions: Sequence[str] = (".nii.gz",),
+    int_scale: float = 1000.0,
 ) -> Path:
     """Tiny multi-modal volumes in the layout of the Medical Segmentation Decathlon's multi-modal tasks
     (Task01_BrainTumour, Task05_Prostate): each image one 4D NIfTI ``(X, Y, Z, C)`` with the modalities as the
@@ -318,6 +358,7 @@ def make_multichannel_dataset(
         noise: noise standard deviation, relative to the intensity range.
         labels: the ``labels`` of ``dataset.json``; by default ``background``, ``class 1``, ...
         name: the ``name`` of ``dataset.json``.
+        dtypes, extensions, int_scale: see `_save_case`: per case, cycled (``"int16"``; ``".nii"``).
     """
     output = Path(output_dir)
     rng = np.random.default_rng(seed)
@@ -330,16 +371,9 @@ def make_multichannel_dataset(
         image = (means[label] + rng.normal(0, noise, (*shape, channels))).astype(np.float32)
         affine = np.diag([*map(float, spacing), 1.0])
         affine[:3, 3] = rng.uniform(-20, 20, 3).round(2)
-        ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                               nib.orientations.axcodes2ornt(tuple(orientations[i % len(orientations)])))
-        file = f"case_{i:03d}.nii.gz"
-        if i < num_training:
-            save_nifti_atomic(_nifti(image, affine).as_reoriented(ornt), output / "imagesTr" / file)
-            save_nifti_atomic(_nifti(label, affine).as_reoriented(ornt), output / "labelsTr" / file)
-            training.append({"image": f"./imagesTr/{file}", "label": f"./labelsTr/{file}"})
-        else:
-            save_nifti_atomic(_nifti(image, affine).as_reoriented(ornt), output / "imagesTs" / file)
-            test.append(f"./imagesTs/{file}")
+        item = _save_case(output, i, i < num_training, image, label, affine, orientations[i % len(orientations)],
+                          dtypes[i % len(dtypes)], extensions[i % len(extensions)], int_scale)
+        (training if i < num_training else test).append(item)
     labels = dict(labels) if labels is not None else {
         str(k): ("background" if k == 0 else f"class {k}") for k in range(num_classes)}
     _write_dataset_json(output, name, "nested ellipsoids, one 4D NIfTI per case with the modalities as channels "

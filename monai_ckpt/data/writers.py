@@ -4,6 +4,7 @@ both through `monai_ckpt.io.atomic_path` (temporary file, fsync, rename). Model 
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -22,6 +23,7 @@ def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
 
 try:
     from monai.data import NibabelWriter
+    from monai.data import image_writer as monai_image_writer
 except ImportError:  # pragma: no cover
     NibabelWriter = object  # type: ignore[misc,assignment]
 
@@ -33,4 +35,6 @@ class AtomicNibabelWriter(NibabelWriter):  # type: ignore[misc,valid-type]
 
     def write(self, filename: str | os.PathLike, verbose: bool = False, **obj_kwargs: Any) -> None:
         with atomic_path(filename) as tmp:
-            super().write(tmp, verbose=verbose, **obj_kwargs)
+            super().write(tmp, verbose=False, **obj_kwargs)
+        if verbose:  # the final name, once it holds the complete file
+            logging.getLogger(monai_image_writer.__name__).info(f"written: {filename}")
