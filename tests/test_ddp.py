@@ -72,3 +72,46 @@ def test_ddp_two_cpu_processes(tmp_path):
         torch.manual_seed(0)
         init = plain_cls(**cfg).state_dict()
         assert any(not torch.equal(init[k], v) for k, v in plain.items()), run
+
+
+UNET4 = dict(spatial_dims=3, in_channels=1, out_channels=4, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+
+
+def _budget_worker(rank: int, world: int, port: int, out_dir: str, budget_gb: float) -> None:
+    from monai.losses import DiceCELoss
+
+    from monai_ckpt.planner import planning_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        net = DDP(CheckpointUNet(**UNET4, checkpoint_policy={"budget_gb": budget_gb}))
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        torch.manual_seed(rank)
+        x, y = torch.randn(2, 1, 16, 16, 16), torch.randint(0, 4, (2, 1, 16, 16, 16))
+        with planning_loss(loss_fn, y):  # what MemoryEfficientUpdate does with the engine's loss and label
+            loss_fn(net(x), y).backward()
+        p = net.module.checkpoint_plan
+        torch.save({"policy": p.policy, "loss": p.loss, "label_shape": p.label_shape, "peak": p.predicted_peak_bytes},
+                   os.path.join(out_dir, f"plan{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_budget_policy_plans_on_rank0_with_the_engines_loss(tmp_path):
+    """Rank 0 plans with the user's DiceCE loss and label batch; every rank runs that plan, and it fits."""
+    from monai.losses import DiceCELoss
+
+    from monai_ckpt import plan
+
+    y = torch.zeros(2, 1, 16, 16, 16, dtype=torch.int64)
+    plain = plan(CheckpointUNet(**UNET4), (16, 16, 16), 1.0, batch_size=2,
+                 loss=DiceCELoss(to_onehot_y=True, softmax=True), label=y).plain_peak_bytes
+    budget = 0.9 * plain / 2**30  # below plain: the plan must checkpoint
+    mp.spawn(_budget_worker, args=(2, _free_port(), str(tmp_path), budget), nprocs=2, join=True)
+    p0, p1 = torch.load(tmp_path / "plan0.pt"), torch.load(tmp_path / "plan1.pt")
+    assert p0 == p1
+    assert "DiceCELoss" in p0["loss"] and p0["label_shape"] == (2, 1, 16, 16, 16)
+    assert p0["policy"] != "none" and p0["peak"] <= budget * 2**30
