@@ -216,6 +216,7 @@ def checkpoint(
         # torch.compile traces the region into its joint graph and lets its partitioner recompute it: the
         # recompute context must be the pair of TorchDispatchModes of selective checkpointing (or none at all),
         # and BatchNorm needs no guard, since the recomputed nodes are functional and do not write buffers.
+        # "full" must leave context_fn out: Dynamo rejects any context_fn argument it cannot treat as SAC's pair.
         context = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _cheap_policy)}
         return _torch_checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
                                  **(context if mode == "cheap" else {}), **kwargs)

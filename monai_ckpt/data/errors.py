@@ -46,6 +46,13 @@ def user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line: MONAI puts the failing config expression on the lines after "Failed to
+    evaluate ConfigExpression:", pretty-printed as adjacent string literals."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text.replace('" "', "")
+
+
 def brief_error(exc: BaseException) -> str | None:
     """The short report `install_brief_errors` prints for ``exc``: a line saying the traceback is hidden, the
     config item MONAI was evaluating, and last ``error: <type>: <message>``; ``None`` when ``exc`` is not a
@@ -53,7 +60,7 @@ def brief_error(exc: BaseException) -> str | None:
     cause = user_error(exc)
     if cause is None:
         return None
-    where = [str(e).splitlines()[0] for e in _chain(exc) if e is not cause and isinstance(e, RuntimeError)]
+    where = [_one_line(e) for e in _chain(exc) if e is not cause and isinstance(e, RuntimeError)]
     lines = [f"(traceback hidden: set {FULL_TRACEBACK_ENV}=1 to see it)"]
     if where:
         lines.append(f"while running the bundle: {where[-1]}")
