@@ -3,8 +3,11 @@
 from .checkpoint import CHECKPOINT_MODES, CheckpointedSequential, checkpoint, checkpoint_submodules
 from .networks import (
     CheckpointAttentionUnet,
+    CheckpointBasicUNet,
+    CheckpointBasicUNetPlusPlus,
     CheckpointDynUNet,
     CheckpointSegResNet,
+    CheckpointSegResNetDS,
     CheckpointSwinUNETR,
     CheckpointUNet,
     CheckpointVNet,
@@ -19,8 +22,11 @@ __all__ = [
     "CHECKPOINT_MODES",
     "CheckpointGroup",
     "CheckpointAttentionUnet",
+    "CheckpointBasicUNet",
+    "CheckpointBasicUNetPlusPlus",
     "CheckpointDynUNet",
     "CheckpointSegResNet",
+    "CheckpointSegResNetDS",
     "CheckpointSwinUNETR",
     "CheckpointUNet",
     "CheckpointVNet",
