@@ -124,7 +124,8 @@ def training_step(
     label: torch.Tensor | None = None,
 ) -> None:
     """One training step: forward, loss, backward, optimizer step, ``zero_grad``.
-    ``loss``: None for ``mean(out**2)`` of the first output, else ``loss(out, label).mean()`` on the network's
+    ``loss``: None for ``mean(out**2)`` (summed over the outputs of a list, such as UNet++'s or SegResNetDS's deep
+    supervision heads), else ``loss(out, label).mean()`` on the network's
     whole output (a DynUNet's stacked deep-supervision output included), as MONAI's trainers call it. The output
     stays alive until the step ends, as a trainer keeps it (``engine.state.output``).
     ``amp``: autocast, bf16 on CPU and fp16 on CUDA, or the dtype given.
@@ -133,9 +134,10 @@ def training_step(
     with torch.autocast(x.device.type, dtype=dtype, enabled=bool(amp)):
         out = model(x)
         if loss is None:
-            if isinstance(out, (list, tuple)):
-                out = out[0]
-            value = out.float().square().mean()
+            if isinstance(out, (list, tuple)):  # deep supervision heads as a list: every head is trained
+                value = sum(o.float().square().mean() for o in out)
+            else:
+                value = out.float().square().mean()
         else:
             value = loss(out, label).mean()
     if on_phase is not None:

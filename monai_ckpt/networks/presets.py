@@ -54,6 +54,22 @@ def _attentionunet(spatial_dims: int, in_channels: int) -> dict:
                 strides=(2, 2, 2, 2))
 
 
+def _basicunet(spatial_dims: int, in_channels: int) -> dict:
+    """MONAI's defaults: features (32, 32, 64, 128, 256, 32), instance norm, leaky ReLU, transposed convolutions."""
+    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2)
+
+
+def _basicunetplusplus(spatial_dims: int, in_channels: int) -> dict:
+    """MONAI's defaults with deep supervision (four heads, all trained)."""
+    return dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2, deep_supervision=True)
+
+
+def _segresnetds(spatial_dims: int, in_channels: int) -> dict:
+    """Auto3DSeg's segresnet template: 32 filters, blocks (1, 2, 2, 4, 4), instance norm, deep supervision 4."""
+    return dict(spatial_dims=spatial_dims, init_filters=32, in_channels=in_channels, out_channels=2,
+                blocks_down=(1, 2, 2, 4, 4), norm="instance", dsdepth=4)
+
+
 # name -> (MONAI class name, monai_ckpt class name, constructor kwargs for (spatial_dims, in_channels))
 NETWORKS: dict[str, tuple[str, str, Callable[[int, int], dict]]] = {
     "unet": ("UNet", "CheckpointUNet", _unet),
@@ -62,6 +78,9 @@ NETWORKS: dict[str, tuple[str, str, Callable[[int, int], dict]]] = {
     "segresnet": ("SegResNet", "CheckpointSegResNet", _segresnet),
     "swinunetr": ("SwinUNETR", "CheckpointSwinUNETR", _swinunetr),
     "attentionunet": ("AttentionUnet", "CheckpointAttentionUnet", _attentionunet),
+    "basicunet": ("BasicUNet", "CheckpointBasicUNet", _basicunet),
+    "basicunetplusplus": ("BasicUNetPlusPlus", "CheckpointBasicUNetPlusPlus", _basicunetplusplus),
+    "segresnetds": ("SegResNetDS", "CheckpointSegResNetDS", _segresnetds),
 }
 
 # What a user would checkpoint by hand on the plain parent (`checkpoint_submodules` on these block classes), and
@@ -70,6 +89,9 @@ NATURAL_BLOCKS: dict[str, tuple[str, ...]] = {
     "segresnet": ("ResBlock",),
     "swinunetr": ("SwinTransformerBlock", "UnetResBlock"),
     "attentionunet": ("ConvBlock", "AttentionBlock"),
+    "basicunet": ("TwoConv",),
+    "basicunetplusplus": ("TwoConv",),
+    "segresnetds": ("SegResBlock",),
 }
 PARENT_OWN_CHECKPOINT: dict[str, dict] = {"swinunetr": {"use_checkpoint": True}}
 
