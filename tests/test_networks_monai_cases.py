@@ -99,8 +99,8 @@ def _basic_unets(parent: type) -> list:
         cases.append((parent, kw, (2, 2, d1, d2), [(2, 3, d1, d2)]))
     for in_channels, out, features, mode, shape in (
             (1, 2, (16, 20, 21, 22, 23, 11), "pixelshuffle", (2, 33, 34, 35)),
-            (2, 7, (14, 15, 16, 17, 18, 11), "deconv", (3, 33, 37, 34)),
-            (4, 2, (14, 15, 16, 17, 18, 10), "nontrainable", (5, 34, 35, 37))):
+            (2, 7, (14, 15, 16, 17, 18, 11), "deconv", (2, 33, 37, 34)),  # MONAI: batch 3
+            (4, 2, (14, 15, 16, 17, 18, 10), "nontrainable", (2, 34, 35, 37))):  # MONAI: batch 5
         kw = dict(spatial_dims=3, in_channels=in_channels, out_channels=out, features=features, upsample=mode)
         cases.append((parent, kw, (shape[0], in_channels, *shape[1:]), [(shape[0], out, *shape[1:])]))
     if parent is BasicUNetPlusPlus:  # test_deep_supervision_shape (MONAI: batch 16)
@@ -124,14 +124,25 @@ def _shapes(out) -> list[tuple[int, ...]]:  # noqa: ANN001
     return [tuple(o.shape) for o in out] if isinstance(out, (list, tuple)) else [tuple(out.shape)]
 
 
+def _costly(case) -> bool:  # noqa: ANN001
+    """The 3D cases that cost most per forward: checked for keys only, but for one of each kind."""
+    parent, kw, _, _ = case
+    if parent is SwinUNETR and kw["spatial_dims"] == 3:
+        return (kw["depths"] == [2, 1, 1, 1]) != kw["use_checkpoint"]  # two of the eight run
+    return parent is SegResNet and kw["spatial_dims"] == 3 and kw["init_filters"] == 16
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_monai_case_same_keys_and_training_output(case):
     """Built from MONAI's arguments, the child has the parent's state_dict keys, and its checkpointed training
-    forward gives the parent's output (same weights, same seed), of the shape MONAI's test expects."""
+    forward gives the parent's output (same weights, same seed), of the shape MONAI's test expects (the costliest
+    3D cases: keys only, see `_costly`)."""
     parent_cls, kw, shape, expected = case
     parent, child = make_pair(parent_cls, CHILD[parent_cls], kw, "all")
     assert list(child.state_dict()) == list(parent.state_dict())
     assert child.checkpoint_groups()
+    if _costly(case):
+        return
     x = torch.randn(*shape)
     outs = []
     for net in (parent.train(), child.train()):
