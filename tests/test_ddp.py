@@ -6,21 +6,35 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from monai.networks.nets import DynUNet, UNet, VNet
+from monai.networks.nets import AttentionUnet, BasicUNet, DynUNet, SegResNet, SwinUNETR, UNet, VNet
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet
+from monai_ckpt import (
+    CheckpointAttentionUnet, CheckpointBasicUNet, CheckpointDynUNet, CheckpointSegResNet, CheckpointSwinUNETR,
+    CheckpointUNet, CheckpointVNet,
+)
 
 CFG = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2,
            dropout=0.1)
 DYN = dict(spatial_dims=3, in_channels=1, out_channels=2, kernel_size=[3] * 4, strides=[1, 2, 2, 2],
            upsample_kernel_size=[2] * 3, filters=[4, 8, 16, 32], deep_supervision=True, deep_supr_num=2, dropout=0.1)
-# name -> (plain class, checkpointed class, kwargs, policy)
+SWIN = dict(spatial_dims=2, in_channels=1, out_channels=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+            window_size=4, drop_rate=0.1, dropout_path_rate=0.1, norm_name="batch")
+VOLUME = (2, 1, 16, 16, 16)
+# name -> (plain class, checkpointed class, kwargs, policy, input shape)
 RUNS = {
-    "unet": (UNet, CheckpointUNet, CFG, "all"),
-    "unet-cheap": (UNet, CheckpointUNet, CFG, {"every": 2, "mode": "cheap"}),
-    "vnet": (VNet, CheckpointVNet, dict(spatial_dims=3, in_channels=1, out_channels=2), "sqrt"),
-    "dynunet-ds": (DynUNet, CheckpointDynUNet, DYN, "all"),
+    "unet": (UNet, CheckpointUNet, CFG, "all", VOLUME),
+    "unet-cheap": (UNet, CheckpointUNet, CFG, {"every": 2, "mode": "cheap"}, VOLUME),
+    "vnet": (VNet, CheckpointVNet, dict(spatial_dims=3, in_channels=1, out_channels=2), "sqrt", VOLUME),
+    "dynunet-ds": (DynUNet, CheckpointDynUNet, DYN, "all", VOLUME),
+    "segresnet": (SegResNet, CheckpointSegResNet, dict(init_filters=8, blocks_down=(1, 2, 2), blocks_up=(1, 1),
+                                                        dropout_prob=0.1, norm="batch"), "sqrt", VOLUME),
+    "swinunetr": (SwinUNETR, CheckpointSwinUNETR, SWIN, "all", (2, 1, 32, 32)),
+    "attentionunet": (AttentionUnet, CheckpointAttentionUnet,
+                      dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2),
+                           dropout=0.1), "cheap", VOLUME),
+    "basicunet": (BasicUNet, CheckpointBasicUNet, dict(features=(4, 4, 8, 8, 16, 4), norm="batch", dropout=0.1),
+                  {"every": 2}, VOLUME),
 }
 
 
@@ -30,13 +44,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     try:
         results = {}
-        for run, (plain_cls, ckpt_cls, cfg, policy) in RUNS.items():
+        for run, (plain_cls, ckpt_cls, cfg, policy, shape) in RUNS.items():
             for name, net in _pair(plain_cls, ckpt_cls, cfg, policy):
                 net = DDP(net)
                 opt = torch.optim.SGD(net.parameters(), lr=0.1)
                 for step in range(2):
                     torch.manual_seed(100 * step + rank)
-                    x = torch.randn(2, 1, 16, 16, 16)
+                    x = torch.randn(*shape)
                     net(x).square().mean().backward()
                     opt.step()
                     opt.zero_grad()
@@ -62,7 +76,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
-    for run, (plain_cls, _, cfg, _) in RUNS.items():
+    for run, (plain_cls, _, cfg, _, _) in RUNS.items():
         plain = r0[(run, "plain")]
         for key, ref in plain.items():
             assert torch.equal(r0[(run, "ckpt")][key], ref), (run, key)
