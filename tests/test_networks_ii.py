@@ -1,19 +1,28 @@
-"""The drop-in contract of DESIGN.md for CheckpointSegResNet, CheckpointSwinUNETR and CheckpointAttentionUnet
-against their MONAI parents.
+"""The drop-in contract of DESIGN.md for CheckpointSegResNet, CheckpointSwinUNETR, CheckpointAttentionUnet,
+CheckpointBasicUNet, CheckpointBasicUNetPlusPlus and CheckpointSegResNetDS against their MONAI parents
+(test_networks_iii.py: what only the last three have; test_networks_monai_cases.py: MONAI's own test grids).
 
 The constructor cases follow MONAI's own tests (tests/networks/nets/test_segresnet.py, test_swin_unetr.py,
 test_attentionunet.py; AttentionUnet: 2D and 3D, dropout, kernel sizes, strides of 1):
 2D and 3D, group/instance/batch norm, dropout, every upsample mode, ``use_conv_final=False``; Swin with
 dropout, attention dropout and stochastic depth, v2 blocks, patch norm, ``normalize=False``, MONAI's own
-``use_checkpoint``. Sizes are tiny so the file runs in seconds.
+``use_checkpoint``; BasicUNet/UNet++ in 1D/2D/3D with odd edges (UpCat pads), every upsample mode, UNet++ with and
+without deep supervision; SegResNetDS with deep supervision, anisotropic resolution, a preprocess and no
+down-sampling at all. Sizes are tiny so the file runs in seconds.
 """
 
+import inspect
+import re
 
 import pytest
 import torch
-from monai.networks.nets import AttentionUnet, SegResNet, SwinUNETR
+from monai.networks.nets import AttentionUnet, BasicUNet, BasicUNetPlusPlus, SegResNet, SegResNetDS, SwinUNETR
+from torch import nn
 
-from monai_ckpt import CheckpointAttentionUnet, CheckpointSegResNet, CheckpointSwinUNETR
+from monai_ckpt import (
+    CheckpointAttentionUnet, CheckpointBasicUNet, CheckpointBasicUNetPlusPlus, CheckpointSegResNet,
+    CheckpointSegResNetDS, CheckpointSwinUNETR,
+)
 from helpers import (
     assert_plain_forward_outside_training, assert_same_training, assert_same_under_autocast,
     assert_scripts_like_parent, count_conv_calls, loss_of, make_pair,
@@ -29,6 +38,14 @@ def _swin(**kw):
     base = dict(in_channels=2, out_channels=3, feature_size=12, depths=(2, 1, 1, 1), num_heads=(1, 1, 2, 2),
                 window_size=4, drop_rate=0.1, attn_drop_rate=0.1, dropout_path_rate=0.2, norm_name="batch")
     return {**base, **kw}
+
+
+def _bu(**kw):
+    return {**dict(spatial_dims=3, in_channels=2, out_channels=3, features=(4, 4, 8, 8, 16, 4)), **kw}
+
+
+def _ds(**kw):
+    return {**dict(spatial_dims=3, init_filters=4, in_channels=2, out_channels=3, blocks_down=(1, 2, 2)), **kw}
 
 
 # name -> (parent, child, kwargs, input shape (B, C, *spatial))
@@ -58,15 +75,35 @@ CASES = {
     "attunet2d": (AttentionUnet, CheckpointAttentionUnet,
                   dict(spatial_dims=2, in_channels=2, out_channels=3, channels=(4, 8, 16, 16), strides=(2, 2, 1),
                        kernel_size=5, up_kernel_size=5), (2, 2, 16, 16)),
+    "basicunet3d": (BasicUNet, CheckpointBasicUNet, _bu(dropout=0.2, norm="batch"), (2, 2, 16, 16, 17)),
+    "basicunet2d-pixelshuffle": (BasicUNet, CheckpointBasicUNet,
+                                 _bu(spatial_dims=2, upsample="pixelshuffle", dropout=0.1), (2, 2, 33, 40)),
+    "basicunet1d-nontrainable": (BasicUNet, CheckpointBasicUNet, _bu(spatial_dims=1, upsample="nontrainable"),
+                                 (2, 2, 35)),
+    "unetpp2d-ds": (BasicUNetPlusPlus, CheckpointBasicUNetPlusPlus,
+                    _bu(spatial_dims=2, deep_supervision=True, norm="batch", dropout=0.2), (2, 2, 33, 40)),
+    "unetpp3d": (BasicUNetPlusPlus, CheckpointBasicUNetPlusPlus, _bu(upsample="nontrainable", norm="batch"),
+                 (2, 2, 16, 17, 16)),
+    "segresnetds3d-ds": (SegResNetDS, CheckpointSegResNetDS, _ds(dsdepth=3), (2, 2, 8, 8, 8)),
+    "segresnetds3d-aniso": (SegResNetDS, CheckpointSegResNetDS,
+                            _ds(blocks_down=(1, 2, 2, 4), dsdepth=4, resolution=(1, 2, 5), norm="instance"),
+                            (2, 2, 16, 16, 8)),
+    "segresnetds2d-preprocess": (SegResNetDS, CheckpointSegResNetDS,
+                                 _ds(spatial_dims=2, preprocess=nn.Tanh(), upsample_mode="nontrainable",
+                                     act="leakyrelu", dsdepth=2), (2, 2, 16, 16)),
+    "segresnetds2d-flat": (SegResNetDS, CheckpointSegResNetDS, _ds(spatial_dims=2, blocks_down=(1,), norm="instance"),
+                           (2, 2, 8, 8)),
 }
 POLICIES = ["none", "all", "blocks", "encoder", "decoder", "bottleneck", "head", "sqrt", "cheap", "offload",
             {"every": 2}, {"segments": 2}, {"segments": 1}]
 # every policy on one case (the policies know no network), the main ones on the others; a Swin step costs most
 SOME = ["all", "blocks", "cheap"]
 SWIN3D = ("swin3d", "swin3d-own-checkpoint")  # the contract's other checks run on the 2D Swin cases
-PARITY = ([("segresnet3d", p) for p in POLICIES] + [("attunet3d", {"segments": 1}), ("swin2d-v2-instance", "offload")]
-          + [(c, p) for c in CASES if c not in ("segresnet3d",) + SWIN3D for p in SOME]
-          + [("swin3d", "all"), ("swin3d-own-checkpoint", "none"), ("swin3d-own-checkpoint", "all")])
+SWEPT = ("segresnet3d", "unetpp2d-ds")  # UNet++: its graph of dense skips under every policy
+PARITY = ([(c, p) for c in SWEPT for p in POLICIES] + [("attunet3d", {"segments": 1}), ("swin2d-v2-instance", "offload")]
+          + [(c, p) for c in CASES if c not in SWEPT + SWIN3D for p in SOME]
+          + [("swin3d", "all"), ("swin3d-own-checkpoint", "none"), ("swin3d-own-checkpoint", "all")]
+          + [("basicunet1d-nontrainable", "offload"), ("segresnetds3d-ds", "sqrt"), ("segresnetds3d-ds", {"segments": 1})])
 LIGHT = [c for c in CASES if c not in SWIN3D]
 
 
@@ -98,7 +135,8 @@ def test_training_parity_is_exact(case, policy):
     assert_same_training(parent, child, [torch.randn(*shape) for _ in range(2)], atol=tolerance(case))
 
 
-@pytest.mark.parametrize("case", ["segresnet2d-instance-pixelshuffle", "swin2d-v2-instance", "attunet3d"])
+@pytest.mark.parametrize("case", ["segresnet2d-instance-pixelshuffle", "swin2d-v2-instance", "attunet3d",
+                                  "unetpp2d-ds"])
 def test_training_parity_with_groups_of_blocks(case):
     """Runs of blocks within and across segments, as the planner chooses them: bit-identical."""
     parent, child, shape = make(case, "none")
@@ -144,9 +182,15 @@ def test_each_conv_runs_at_most_twice(case, policy):
     plain = count_conv_calls(child, lambda: loss_of(child(x)).backward())
     # once in the forward, at most once more in backward; a conv the parent never runs (SegResNet's conv_final
     # with use_conv_final=False) is not run either. A block that ends with its conv may not rerun it at all:
-    # torch's recomputation stops once it has every saved tensor back (the conv's input).
+    # torch's recomputation stops once it has every saved tensor back (the conv's input); SegResNetDS's blocks
+    # all end so.
     assert set(plain.values()) <= {0, 1}
-    assert 2 in counts.values() or case == "segresnet2d-no-final"
+    assert 2 in counts.values() or case == "segresnet2d-no-final" or CASES[case][0] is SegResNetDS
+    if CASES[case][0] is BasicUNetPlusPlus and not CASES[case][2].get("deep_supervision"):
+        # the parent runs three heads whose outputs it drops; we do not run them
+        unused = {f"final_conv_0_{j}" for j in (1, 2, 3)}
+        assert all(counts[n] == 0 for n in unused)
+        plain = {n: c for n, c in plain.items() if n not in unused}
     assert all(plain[n] <= counts[n] <= 2 * plain[n] for n in plain)
 
 
@@ -156,13 +200,15 @@ def test_eval_no_grad_and_inference_are_the_plain_forward(case, monkeypatch):
     assert_plain_forward_outside_training(parent, child, torch.randn(*shape), monkeypatch)
 
 
-@pytest.mark.parametrize("case", ["segresnet3d", "segresnet2d-no-final", "swin2d-v2-instance", "attunet2d"])
+@pytest.mark.parametrize("case", ["segresnet3d", "segresnet2d-no-final", "swin2d-v2-instance", "attunet2d",
+                                  "basicunet2d-pixelshuffle", "unetpp2d-ds", "segresnetds3d-ds"])
 def test_torchscript_where_the_parent_scripts(case):
     parent, child, shape = make(case, "cheap")
     assert_scripts_like_parent(parent, child, torch.randn(*shape))
 
 
-@pytest.mark.parametrize("case", ["segresnet3d", "swin2d-v2-instance", "attunet3d"])
+@pytest.mark.parametrize("case", ["segresnet3d", "swin2d-v2-instance", "attunet3d", "basicunet3d", "unetpp2d-ds",
+                                  "segresnetds3d-ds"])
 @pytest.mark.parametrize("policy", ["all", "cheap"])
 def test_autocast_bf16_matches_parent(case, policy):
     parent, child, shape = make(case, policy)
@@ -174,9 +220,17 @@ def test_segments_have_names_levels_and_kinds(case):
     _, child, _ = make(case)
     segs = child.checkpoint_segments()
     names = [s.name for s in segs]
-    assert len(set(names)) == len(names) and names[0] == "encoder0"
+    assert len(set(names)) == len(names) and names[0] in ("encoder0", "bottleneck")  # bottleneck: no down-sampling
+    assert {s.kind for s in segs} <= {"encoder", "bottleneck", "decoder", "head"}
     kinds = [s.kind for s in segs]
-    assert kinds.index("bottleneck") == max(i for i, k in enumerate(kinds) if k == "encoder") + 1
+    encoders = [s.level for s in segs if s.kind in ("encoder", "bottleneck")]
+    assert encoders == sorted(encoders)
+    if CASES[case][0] is BasicUNetPlusPlus:  # the parent's order: each node of the graph as soon as it can run
+        assert names[:6] == ["encoder0", "encoder1", "decoder0_1", "encoder2", "decoder1_1", "decoder0_2"]
+        heads = ["head1", "head2", "head3", "head0"] if CASES[case][2].get("deep_supervision") else ["head0"]
+        assert [n for n in names if n.startswith("head")] == heads
+        return
+    assert kinds.index("bottleneck") == max([i for i, k in enumerate(kinds) if k == "encoder"], default=-1) + 1
     decoders = [s.level for s in segs if s.kind == "decoder"]
     assert decoders == sorted(decoders, reverse=True) and decoders[-1] == 0
     assert ("head0" in names) == CASES[case][2].get("use_conv_final", True)
@@ -189,25 +243,31 @@ def test_bad_policy_and_input_are_clear_errors(case):
         child_cls(**kw, checkpoint_policy="fastest")
     net = child_cls(**kw)
     bad = (shape[0], shape[1] + 1, *shape[2:])
-    with pytest.raises(ValueError, match=r"expects an input of shape \(batch, 2, "):
-        net(torch.randn(*bad))
+    if kw.get("preprocess") is None:  # with one, the parent checks the preprocessed input: its own error
+        with pytest.raises(ValueError, match=r"expects an input of shape \(batch, 2, "):
+            net(torch.randn(*bad))
 
 
 @pytest.mark.parametrize("case", ["segresnet3d", "segresnet2d-instance-pixelshuffle", "swin2d-unnormalized",
-                                  "attunet2d"])
-@pytest.mark.parametrize("size", [12, 16, 24, 32])
+                                  "attunet2d", "basicunet3d", "unetpp2d-ds", "segresnetds3d-aniso",
+                                  "segresnetds2d-preprocess"])
+@pytest.mark.parametrize("size", [8, 12, 15, 16, 24, 32, 33])
 def test_input_size_check_agrees_with_the_parent(case, size):
-    """In training we reject exactly the spatial sizes the parent cannot run, saying what would be right."""
+    """In training we reject exactly the spatial sizes the parent cannot run, saying what would be right (with a
+    SegResNetDS preprocess, the parent's own check after it, and its error)."""
     parent_cls, child_cls, kw, shape = CASES[case]
     parent, child = parent_cls(**kw), child_cls(**kw)
     x = torch.randn(2, shape[1], size, *shape[3:])
     try:
         expected = parent(x)
-    except (RuntimeError, ValueError):
-        with pytest.raises(ValueError, match=r"cannot take spatial size .* must be a multiple of .* e\.g\. pad to"):
+    except (RuntimeError, ValueError) as error:
+        message = re.escape(str(error)) if kw.get("preprocess") is not None else r"cannot take spatial size .* pad to"
+        with pytest.raises(ValueError, match=message):
             child(x)
     else:
-        assert child(x).shape == expected.shape
+        got = child(x)
+        shapes = [o.shape for o in got] if isinstance(got, list) else [got.shape]
+        assert shapes == ([o.shape for o in expected] if isinstance(expected, list) else [expected.shape])
 
 
 @pytest.mark.parametrize("parent_cls, child_cls, bad", [
@@ -216,27 +276,31 @@ def test_input_size_check_agrees_with_the_parent(case, size):
     (SwinUNETR, CheckpointSwinUNETR, dict(in_channels=1, out_channels=2, feature_size=16)),
     (SwinUNETR, CheckpointSwinUNETR, dict(in_channels=1, out_channels=2, drop_rate=1.5)),
     (SwinUNETR, CheckpointSwinUNETR, dict(in_channels=1, out_channels=2, spatial_dims=4)),
+    (SegResNetDS, CheckpointSegResNetDS, dict(spatial_dims=4)),
+    (SegResNetDS, CheckpointSegResNetDS, dict(resolution=(1, -1, 2))),
+    (SegResNetDS, CheckpointSegResNetDS, dict(resolution=5)),
+    (BasicUNet, CheckpointBasicUNet, dict(features=(4, 4, 8))),
+    (BasicUNetPlusPlus, CheckpointBasicUNetPlusPlus, dict(spatial_dims=4)),
 ], ids=str)
 def test_constructor_errors_match_parent(parent_cls, child_cls, bad):
-    with pytest.raises(ValueError) as expected:
+    with pytest.raises(Exception) as expected:
         parent_cls(**bad)
-    with pytest.raises(ValueError) as got:
+    with pytest.raises(expected.type) as got:
         child_cls(**bad)
     assert str(got.value) == str(expected.value)
 
 
-def test_swin_pretrained_load_from_and_parent_signature():
-    """Same constructor (plus keyword-only checkpoint_policy), and the parent's ``load_from`` still fills it."""
-    import inspect
-
-    parent_params = inspect.signature(SwinUNETR.__init__).parameters
-    child_params = inspect.signature(CheckpointSwinUNETR.__init__).parameters
+@pytest.mark.parametrize("parent, child", [(SwinUNETR, CheckpointSwinUNETR), (SegResNet, CheckpointSegResNet),
+                                           (AttentionUnet, CheckpointAttentionUnet), (BasicUNet, CheckpointBasicUNet),
+                                           (BasicUNetPlusPlus, CheckpointBasicUNetPlusPlus),
+                                           (SegResNetDS, CheckpointSegResNetDS)])
+def test_same_signature_plus_keyword_only_policy(parent, child):
+    """Same constructor, argument for argument and default for default, plus keyword-only checkpoint_policy."""
+    parent_params = inspect.signature(parent.__init__).parameters
+    child_params = inspect.signature(child.__init__).parameters
     assert list(child_params)[:-1] == list(parent_params)
     assert all(child_params[n].default == p.default for n, p in parent_params.items())
     assert child_params["checkpoint_policy"].kind is inspect.Parameter.KEYWORD_ONLY
-    for parent, child in ((SegResNet, CheckpointSegResNet), (AttentionUnet, CheckpointAttentionUnet)):
-        params = inspect.signature(child.__init__).parameters
-        assert list(params)[:-1] == list(inspect.signature(parent.__init__).parameters)
 
 
 def test_estimate_mode_builds_swin_outside_fake_mode():
