@@ -80,6 +80,8 @@ CASES = {
                                  _bu(spatial_dims=2, upsample="pixelshuffle", dropout=0.1), (2, 2, 33, 40)),
     "basicunet1d-nontrainable": (BasicUNet, CheckpointBasicUNet, _bu(spatial_dims=1, upsample="nontrainable"),
                                  (2, 2, 35)),
+    # no norm: the in-place activation overwrites the convolution's output, which "cheap" must then not keep
+    "basicunet2d-no-norm": (BasicUNet, CheckpointBasicUNet, _bu(spatial_dims=2, norm=None), (2, 2, 32, 32)),
     "unetpp2d-ds": (BasicUNetPlusPlus, CheckpointBasicUNetPlusPlus,
                     _bu(spatial_dims=2, deep_supervision=True, norm="batch", dropout=0.2), (2, 2, 33, 40)),
     "unetpp3d": (BasicUNetPlusPlus, CheckpointBasicUNetPlusPlus, _bu(upsample="nontrainable", norm="batch"),

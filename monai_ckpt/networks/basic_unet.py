@@ -10,6 +10,7 @@ from monai.networks.nets import BasicUNet, BasicUNetPlusPlus
 from torch import nn
 
 from ..chain import ChainStep, segment_steps
+from ..checkpoint import recomputed_by_cheap
 from ..policies import PolicySpec
 from .base import CheckpointPolicyMixin, InputShapeError
 from .dense import Node, dense_steps
@@ -20,8 +21,21 @@ __all__ = ["CheckpointBasicUNet", "CheckpointBasicUNetPlusPlus"]
 _LEVELS = 4
 
 
+def _convolution(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A MONAI Convolution (norm, dropout, activation in that order). Without norm and dropout (a dropout of p=0
+    returns its input) its in-place activation overwrites the convolution's output, which a "cheap" checkpoint would
+    keep (torch refuses a kept tensor that changed): there the convolution is recomputed instead."""
+    adn = getattr(block, "adn", None)
+    parts = adn._modules if adn is not None else {}
+    if "N" in parts or getattr(parts.get("D"), "p", 0) > 0 or not getattr(parts.get("A"), "inplace", False):
+        return block(x)
+    with recomputed_by_cheap():
+        x = block.conv(x)
+    return adn(x)
+
+
 def _pool_then_conv(down: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return down.convs.conv_0(down.max_pooling(x))
+    return _convolution(down.convs.conv_0, down.max_pooling(x))
 
 
 def _upcat_first(up: nn.Module, x: torch.Tensor, *x_e: torch.Tensor) -> torch.Tensor:
@@ -37,14 +51,16 @@ def _upcat_first(up: nn.Module, x: torch.Tensor, *x_e: torch.Tensor) -> torch.Te
             if skip.shape[-i - 1] != x_0.shape[-i - 1]:
                 sp[i * 2 + 1] = 1
         x_0 = torch.nn.functional.pad(x_0, sp, "replicate")
-    return up.convs.conv_0(torch.cat([skip, x_0], dim=1))
+    return _convolution(up.convs.conv_0, torch.cat([skip, x_0], dim=1))
 
 
 def _encoder(block: nn.Module) -> list[dict]:
     """A TwoConv (the first level) or a Down (max-pooling + TwoConv) as its two Convolutions."""
     if hasattr(block, "max_pooling"):
-        return [dict(fn=functools.partial(_pool_then_conv, block)), dict(fn=block.convs.conv_1)]
-    return [dict(fn=block.conv_0), dict(fn=block.conv_1)]
+        return [dict(fn=functools.partial(_pool_then_conv, block)), dict(fn=functools.partial(_convolution,
+                                                                                           block.convs.conv_1))]
+    return [dict(fn=functools.partial(_convolution, block.conv_0)), dict(fn=functools.partial(_convolution,
+                                                                                             block.conv_1))]
 
 
 class _BasicUNetCheck(CheckpointPolicyMixin):
@@ -128,7 +144,7 @@ class CheckpointBasicUNet(_BasicUNetCheck, BasicUNet):
         for i in reversed(range(_LEVELS)):
             steps += segment_steps(f"decoder{i}", i, "decoder",
                                    dict(fn=functools.partial(_upcat_first, ups[i]), pops=1),
-                                   dict(fn=ups[i].convs.conv_1))
+                                   dict(fn=functools.partial(_convolution, ups[i].convs.conv_1)))
         steps += segment_steps("head0", 0, "head", dict(fn=self.final_conv))
         return steps
 
@@ -220,7 +236,7 @@ class CheckpointBasicUNetPlusPlus(_BasicUNetCheck, BasicUNetPlusPlus):
             seg = (f"decoder{i}_{j}", i, "decoder")
             skips = tuple(f"x_{i}_{k}" for k in range(j))
             nodes.append(Node(seg, f"h_{i}_{j}", functools.partial(_upcat_first, up), (f"x_{i + 1}_{j - 1}", *skips)))
-            nodes.append(Node(seg, f"x_{i}_{j}", up.convs.conv_1, (f"h_{i}_{j}",)))
+            nodes.append(Node(seg, f"x_{i}_{j}", functools.partial(_convolution, up.convs.conv_1), (f"h_{i}_{j}",)))
 
         # BasicUNetPlusPlus.forward's order (dropout masks are drawn in it)
         encoder(0, "encoder0", 0, "encoder")
