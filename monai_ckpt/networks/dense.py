@@ -32,14 +32,14 @@ class Node:
     Attributes:
         segment: ``(name, level, kind)`` of the segment it belongs to; a segment's nodes are consecutive.
         out: the name of the tensor it makes ("" for an emitting node, whose output leaves the chain).
-        fn: what it runs (only the parent's own modules, op for op as the parent's forward).
+        fn: what it runs (only the parent's own modules, op for op as the parent's forward); None for a move.
         args: the names of the tensors it reads.
         emit: a side head: it reads one tensor and its output is emitted.
     """
 
     segment: tuple[str, int, str]
     out: str
-    fn: Callable[..., Any]
+    fn: Callable[..., Any] | None
     args: tuple[str, ...]
     emit: bool = False
 
@@ -69,7 +69,7 @@ def dense_steps(nodes: Sequence[Node], source: str) -> list[ChainStep]:
     for node in nodes:
         before = order[-1] if order else None
         if node.emit and before is not None and before.emit and before.args != node.args:
-            order.append(Node(node.segment, "", None, ()))  # type: ignore[arg-type]
+            order.append(Node(node.segment, "", None, ()))
         order.append(node)
     made = {source}
     for node in order:
