@@ -125,14 +125,16 @@ class CheckpointSwinUNETR(CheckpointPolicyMixin, SwinUNETR):
     gradients and normalisation statistics equal the parent's, dropout, attention dropout and stochastic depth
     included. In ``eval()``, without autograd or under TorchScript the forward is the parent's.
 
-    Segments, in execution order, by resolution level (level l is 1/2**l of the input): ``encoder0``
-    (``encoder1`` on the input), ``encoder1`` (patch embedding, then ``encoder2`` on it), ``encoder2``..
-    ``encoder4`` (Swin stages ``layers1``..``layers3``, then ``encoder3``/``encoder4`` on their output),
-    ``bottleneck`` (``layers4``, then ``encoder10``), ``decoder4``..``decoder0`` (MONAI's ``decoder5``..
-    ``decoder1``) and ``head0`` (``out``). Blocks: each Swin transformer block (the first of a stage also
-    computes the attention mask, the last also merges patches), each half of a residual CNN block. The CNN
-    encoders of the skips consume no random numbers, so running each right after the stage whose output it
-    reads (rather than after the whole Swin transformer, as the parent does) keeps every dropout mask.
+    Segments, in execution order, by resolution level (level l is 1/2**l of the input): ``encoder1`` (patch
+    embedding), ``encoder2``..``encoder4`` (Swin stages ``layers1``..``layers3``), ``bottleneck`` (``layers4``, then
+    ``encoder10``), ``decoder4`` (MONAI's ``decoder5``), then for l = 3..0 ``skip{l}`` (the CNN encoder of the level-l
+    skip: MONAI's ``encoder{l+1}``, kind "encoder") and ``decoder{l}`` (MONAI's ``decoder{l+1}``), and ``head0``
+    (``out``). Blocks: each Swin transformer block (the first of a stage also goes channels last, the first that
+    shifts its windows also builds the attention mask, the last also merges patches), each half of a residual CNN
+    block of the bottleneck and the decoders; a skip encoder is one block. The skips' CNN encoders run where their
+    skip is merged, after the Swin stages as in the parent, so their backward comes before the stages' (run right
+    after a stage, the level-0 skip's gradient would wait through the whole transformer's backward); they consume
+    no random numbers, so every dropout mask is the parent's.
 
     MONAI's own ``use_checkpoint=True`` (each Swin block checkpoints its attention and its MLP) keeps working:
     it is the parent's forward under ``checkpoint_policy="none"``, and it stays in effect in every Swin block
