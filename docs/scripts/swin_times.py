@@ -1,6 +1,6 @@
-"""docs/benchmarks.md: step-time ratios of SwinUNETR (BTCV preset) at 64^3 batch 1: plain, our "blocks", MONAI's use_checkpoint=True,
-checkpoint_submodules on its natural blocks; interleaved in one process, process CPU time, median of 3 after 1 warm-up."""
-import json, torch
+"""docs/benchmarks.md: step-time ratios of SwinUNETR (BTCV preset) at 64^3 batch 1: plain, our "blocks",
+MONAI's use_checkpoint=True, checkpoint_submodules on its natural blocks; interleaved in one process, process CPU time, median of 3 after 1 warm-up."""
+import torch
 from monai.networks.nets import SwinUNETR
 from monai_ckpt.checkpoint import checkpoint_submodules
 from monai_ckpt.networks.presets import NETWORKS, network_factory
