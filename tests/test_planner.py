@@ -410,7 +410,7 @@ TINY_PRESETS = {  # name -> (constructor kwargs for (spatial_dims, in_channels),
                                        blocks_down=(1, 2), blocks_up=(1,)), ["16", "16", "16"]),
     "attentionunet": (lambda dims, c: dict(spatial_dims=dims, in_channels=c, out_channels=2, channels=(4, 8, 16),
                                            strides=(2, 2)), ["16", "16", "16"]),
-    "swinunetr": (lambda dims, c: dict(in_channels=c, out_channels=2, feature_size=12, depths=(2, 1, 1, 1),
+    "swinunetr": (lambda dims, c: dict(in_channels=c, out_channels=2, feature_size=12, depths=(1, 1, 1, 1),
                                        num_heads=(1, 1, 1, 1), window_size=4, spatial_dims=dims), ["128", "128"]),
 }
 
@@ -429,8 +429,7 @@ def test_plan_cli_runs_for_each_network(name, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(monai_ckpt.plan, "max_batch_size", lambda *a, **k: 1)
     net = presets.network_factory(name, len(shape), 1)()
     input_shape = (1, 1, *map(int, shape))
-    plain, least = (_measured(net, p, input_shape, estimate=True) for p in ("none", "all"))
-    budget = (least + 0.5 * (plain - least)) / GiB
+    budget = 0.9 * _measured(net, "none", input_shape, estimate=True) / GiB  # below the plain peak: a plan is needed
     assert monai_ckpt.plan.main(["--network", name, "--budget-gb", str(budget), "--shape", *shape, "--json",
                                  str(tmp_path / "plan.json")]) == 0
     assert "plan: peak" in capsys.readouterr().out
