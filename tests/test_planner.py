@@ -402,3 +402,37 @@ def test_cli_arguments_are_checked_up_front(capsys, cli, argv, message):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()[-1]) > 20
     assert re.search(message, err.strip().splitlines()[-1]), err
+
+
+# tiny configurations of the newer presets: the plan CLI runs each network's chain through the whole search
+TINY_PRESETS = {  # name -> (constructor kwargs for (spatial_dims, in_channels), --shape)
+    "segresnet": (lambda dims, c: dict(spatial_dims=dims, init_filters=8, in_channels=c, out_channels=2,
+                                       blocks_down=(1, 2), blocks_up=(1,)), ["16", "16", "16"]),
+    "attentionunet": (lambda dims, c: dict(spatial_dims=dims, in_channels=c, out_channels=2, channels=(4, 8, 16),
+                                           strides=(2, 2)), ["16", "16", "16"]),
+    "swinunetr": (lambda dims, c: dict(in_channels=c, out_channels=2, feature_size=12, depths=(1, 1, 1, 1),
+                                       num_heads=(1, 1, 1, 1), window_size=4, spatial_dims=dims), ["128", "128"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_PRESETS))
+def test_plan_cli_runs_for_each_network(name, capsys, tmp_path, monkeypatch):
+    """`python -m monai_ckpt.plan --network X --shape ... --budget-gb ...` on a tiny configuration of each preset
+    (the largest-batch search is stubbed: `test_capacity_search_finds_the_boundary` covers it): the plan fits, and
+    its predicted peak is the real network's measured peak with that policy."""
+    import monai_ckpt.plan
+    from monai_ckpt.networks import presets
+
+    parent, child, _ = presets.NETWORKS[name]
+    make_kwargs, shape = TINY_PRESETS[name]
+    monkeypatch.setitem(presets.NETWORKS, name, (parent, child, make_kwargs))
+    monkeypatch.setattr(monai_ckpt.plan, "max_batch_size", lambda *a, **k: 1)
+    net = presets.network_factory(name, len(shape), 1)()
+    input_shape = (1, 1, *map(int, shape))
+    budget = 0.9 * _measured(net, "none", input_shape, estimate=True) / GiB  # below the plain peak: a plan is needed
+    assert monai_ckpt.plan.main(["--network", name, "--budget-gb", str(budget), "--shape", *shape, "--json",
+                                 str(tmp_path / "plan.json")]) == 0
+    assert "plan: peak" in capsys.readouterr().out
+    written = json.loads((tmp_path / "plan.json").read_text())
+    assert written["fits"] is True and written["policy"] != "none" and written["predicted_peak_bytes"] <= budget * GiB
+    assert written["predicted_peak_bytes"] == _measured(net, written["policy"], input_shape)

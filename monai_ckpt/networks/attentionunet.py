@@ -23,11 +23,21 @@ def _conv_block(block: nn.Module) -> list[dict]:
     return [dict(fn=conv) for conv in block.conv]
 
 
-def _attention_merge(layer: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """AttentionLayer.forward after its submodule: up-convolution, attention gate on the skip, merge."""
-    fromlower = layer.upconv(x)
-    att = layer.attention(g=fromlower, x=skip)
-    return layer.merge(torch.cat((att, fromlower), dim=1))
+def _gate(layer: nn.Module, fromlower: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AttentionLayer.forward's attention gate on the skip; the up-convolved tensor goes on to the merge."""
+    return fromlower, layer.attention(g=fromlower, x=skip)
+
+
+def _merge_conv(layer: nn.Module, fromlower: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+    """The merge's concatenation and convolution (``layer.merge`` is a monai Convolution: conv, then ADN)."""
+    return layer.merge.conv(torch.cat((att, fromlower), dim=1))
+
+
+def _decoder_blocks(layer: nn.Module) -> list[dict]:
+    """AttentionLayer.forward after its submodule, as four blocks: up-convolution, attention gate on the skip,
+    the merge's concatenation and convolution, its norm/dropout/activation."""
+    return [dict(fn=layer.upconv), dict(fn=functools.partial(_gate, layer), pops=1, extra=1),
+            dict(fn=functools.partial(_merge_conv, layer), pops=1), dict(fn=layer.merge.adn)]
 
 
 class CheckpointAttentionUnet(CheckpointPolicyMixin, AttentionUnet):
@@ -40,7 +50,8 @@ class CheckpointAttentionUnet(CheckpointPolicyMixin, AttentionUnet):
     Segments, in execution order: ``encoder0`` (the head ConvBlock), ``encoder1``.. (each AttentionLayer's
     strided ConvBlock), ``bottleneck`` (the bottom ConvBlock), ``decoder{i}`` from the bottom up (up-convolution,
     attention gate on the level-i skip, merge), ``head0`` (the 1x1 reduction). Blocks: each Convolution of a
-    ConvBlock; a decoder is one block.
+    ConvBlock; a decoder's up-convolution, attention gate, merge convolution (with the concatenation) and
+    merge norm/activation.
 
     Args:
         spatial_dims, in_channels, out_channels, channels, strides, kernel_size, up_kernel_size, dropout: as for
@@ -92,8 +103,7 @@ class CheckpointAttentionUnet(CheckpointPolicyMixin, AttentionUnet):
             steps += segment_steps(f"encoder{i}", i, "encoder", *blocks)
         steps += segment_steps("bottleneck", len(layers), "bottleneck", *_conv_block(layers[-1].submodule))
         for i in reversed(range(len(layers))):
-            steps += segment_steps(f"decoder{i}", i, "decoder",
-                                   dict(fn=functools.partial(_attention_merge, layers[i]), pops=1))
+            steps += segment_steps(f"decoder{i}", i, "decoder", *_decoder_blocks(layers[i]))
         steps += segment_steps("head0", 0, "head", dict(fn=self.model[2]))
         return steps
 

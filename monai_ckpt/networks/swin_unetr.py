@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,80 +25,96 @@ __all__ = ["CheckpointSwinUNETR"]
 _CHANNELS_LAST = {5: ("b c d h w -> b d h w c", "b d h w c -> b c d h w"), 4: ("b c h w -> b h w c", "b h w c -> b c h w")}
 
 
-def _stage_start(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BasicLayer.forward up to its blocks: channels last, and the shifted-window attention mask (carried to
-    each block of the stage; a Hyena stage has none: an empty tensor stands for it)."""
-    spatial = x.shape[2:]
-    window_size, shift_size = get_window_size(tuple(spatial), layer.window_size, layer.shift_size)
-    x = rearrange(x, _CHANNELS_LAST[x.ndim][0])
-    if layer.use_hyena:
-        return x, x.new_empty(0)
+def _stage_start(x: torch.Tensor) -> torch.Tensor:
+    """BasicLayer.forward up to its blocks: channels last."""
+    return rearrange(x.contiguous(), _CHANNELS_LAST[x.ndim][0])
+
+
+def _stage_mask(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The stage's shifted-window attention mask for its channels-last input ``x``, as BasicLayer.forward computes
+    it (an empty tensor when the windows are not shifted at this size: no block then reads it)."""
+    spatial = tuple(x.shape[1:-1])
+    window_size, shift_size = get_window_size(spatial, layer.window_size, layer.shift_size)
+    if not any(s > 0 for s in shift_size):
+        return x.new_empty(0)
     padded = [int(np.ceil(s / w)) * w for s, w in zip(spatial, window_size)]
-    return x, compute_mask(padded, window_size, shift_size, x.device)
+    return compute_mask(padded, window_size, shift_size, x.device)
 
 
-def _swin_block(block: nn.Module, own_checkpoint: bool, x: torch.Tensor, mask: torch.Tensor):  # noqa: ANN202
-    """One block of a Swin stage; the mask goes on to the next block. ``own_checkpoint=False`` runs a
-    SwinTransformerBlock without its ``use_checkpoint`` (inside one of our checkpoints: no nesting)."""
-    attn_mask = None if mask.numel() == 0 else mask
+def _swin_block(block: nn.Module, own_checkpoint: bool, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One block of a Swin stage. ``own_checkpoint=False`` runs a SwinTransformerBlock without its
+    ``use_checkpoint`` (inside one of our checkpoints: no nesting)."""
+    attn_mask = None if mask is None or mask.numel() == 0 else mask
     if own_checkpoint or not isinstance(block, SwinTransformerBlock):
-        return block(x, attn_mask), mask
+        return block(x, attn_mask)
     # SwinTransformerBlock.forward with use_checkpoint=False
     shortcut = x
     x = shortcut + block.drop_path(block.forward_part1(x, attn_mask))
-    return x + block.forward_part2(x), mask
+    return x + block.forward_part2(x)
 
 
-def _stage_end(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _stage_end(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """BasicLayer.forward after its blocks: patch merging, channels first."""
     if layer.downsample is not None:
         x = layer.downsample(x)
     return rearrange(x, _CHANNELS_LAST[x.ndim][1])
 
 
-def _embed(swin: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return swin.pos_drop(swin.patch_embed(x))
+def _embed(swin: nn.Module, normalize: bool, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Patch embedding; pushes the input (for the level-0 skip encoder, run late) and the level-1 hidden state."""
+    x0 = swin.pos_drop(swin.patch_embed(x))
+    return x0, x, swin.proj_out(x0, normalize)
 
 
 def _contiguous_then(fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return fn(x.contiguous())
 
 
-def _with_skip(skip: nn.Module | None, proj_out, normalize: bool, x: torch.Tensor):  # noqa: ANN001, ANN202
-    """Keep ``x`` running and push the stage's hidden state (normalised), through its CNN encoder if any."""
-    hidden = proj_out(x, normalize)
-    return x, (hidden if skip is None else skip(hidden))
+def _uses_mask(layer: nn.Module, block: nn.Module) -> bool:
+    """Whether a block of this stage shifts its windows (then it reads the stage's attention mask)."""
+    return not layer.use_hyena and any(s > 0 for s in getattr(block, "shift_size", ()))
 
 
-def _input_skip(encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x, encoder(x)
-
-
-def _stage_blocks(swin: nn.Module, i: int, own_checkpoint: Callable[[int], bool]) -> list[dict]:
-    """Swin stage i (``layers{i+1}``, with its ``layers{i+1}c`` convolution block in v2) as blocks: each
-    transformer block (the first also makes the attention mask, the last also merges patches).
-    ``own_checkpoint(k)``: whether block k of the segment keeps MONAI's own ``use_checkpoint``."""
+def _stage_blocks(swin: nn.Module, i: int, normalize: bool, name: str, inside: frozenset[str],
+                  use_checkpoint: bool, push_hidden: bool = True, after: int = 0) -> list[dict]:
+    """Swin stage i (``layers{i+1}``, after its ``layers{i+1}c`` convolution block in v2) as blocks: each
+    transformer block; the first also goes channels last, the first that shifts its windows also builds the
+    attention mask (carried to the later blocks that shift theirs), the last also merges patches and pushes the
+    stage's hidden state (``push_hidden=False``: passes on only the hidden state, as the last stage does); the
+    segment ``name`` has ``after`` more blocks after them. A block named in ``inside`` runs within one of our checkpoints: its Swin block then
+    skips MONAI's own ``use_checkpoint``."""
     layer = getattr(swin, f"layers{i + 1}")[0]
     out = []
     if swin.use_v2:
-        conv = getattr(swin, f"layers{i + 1}c")[0]
-        out.append(dict(fn=functools.partial(_contiguous_then, conv)))
-    n = len(layer.blocks)
+        out.append(dict(fn=functools.partial(_contiguous_then, getattr(swin, f"layers{i + 1}c")[0])))
+    n, first = len(layer.blocks), len(out)
+    total = first + n + after
+    shifting = [j for j, block in enumerate(layer.blocks) if _uses_mask(layer, block)]
     for j, block in enumerate(layer.blocks):
-        own = own_checkpoint(len(out))
+        block_name = f"{name}.{first + j}" if total > 1 else name
+        own = use_checkpoint and block_name not in inside
+        makes = bool(shifting) and j == shifting[0]
+        takes = bool(shifting) and shifting[0] < j <= shifting[-1]
+        passes = bool(shifting) and shifting[0] <= j < shifting[-1]
 
-        def fn(x, *popped, block=block, j=j, own=own):  # noqa: ANN001, ANN202
+        def fn(x, *popped, block=block, j=j, own=own, makes=makes):  # noqa: ANN001, ANN202
             if j == 0:
-                x, mask = _stage_start(layer, x.contiguous())
-            else:
-                (mask,) = popped
-            x, mask = _swin_block(block, own, x, mask)
+                x = _stage_start(x)
+            mask = _stage_mask(layer, x) if makes else (popped[0] if popped else None)
+            x = _swin_block(block, own, x, mask)
             if j == n - 1:
-                return _stage_end(layer, x, mask)
-            return x, mask
+                x = _stage_end(layer, x)
+                return (x, swin.proj_out(x, normalize)) if push_hidden else swin.proj_out(x, normalize)
+            return (x, mask) if passes else x
 
-        out.append(dict(fn=fn, pops=int(j > 0), extra=int(j < n - 1)))
+        out.append(dict(fn=fn, pops=int(takes), extra=int(passes) + int(j == n - 1 and push_hidden)))
     return out
+
+
+def _skip_encoder(encoder: nn.Module, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A skip's CNN encoder on the hidden state on top of the stack, while the decoder's running tensor waits. One
+    block: its halves as two would keep the tensor between them from here to its backward, across the decoder's."""
+    return x, encoder(hidden)
 
 
 class CheckpointSwinUNETR(CheckpointPolicyMixin, SwinUNETR):
@@ -109,14 +125,16 @@ class CheckpointSwinUNETR(CheckpointPolicyMixin, SwinUNETR):
     gradients and normalisation statistics equal the parent's, dropout, attention dropout and stochastic depth
     included. In ``eval()``, without autograd or under TorchScript the forward is the parent's.
 
-    Segments, in execution order, by resolution level (level l is 1/2**l of the input): ``encoder0``
-    (``encoder1`` on the input), ``encoder1`` (patch embedding, then ``encoder2`` on it), ``encoder2``..
-    ``encoder4`` (Swin stages ``layers1``..``layers3``, then ``encoder3``/``encoder4`` on their output),
-    ``bottleneck`` (``layers4``, then ``encoder10``), ``decoder4``..``decoder0`` (MONAI's ``decoder5``..
-    ``decoder1``) and ``head0`` (``out``). Blocks: each Swin transformer block (the first of a stage also
-    computes the attention mask, the last also merges patches), each half of a residual CNN block. The CNN
-    encoders of the skips consume no random numbers, so running each right after the stage whose output it
-    reads (rather than after the whole Swin transformer, as the parent does) keeps every dropout mask.
+    Segments, in execution order, by resolution level (level l is 1/2**l of the input): ``encoder1`` (patch
+    embedding), ``encoder2``..``encoder4`` (Swin stages ``layers1``..``layers3``), ``bottleneck`` (``layers4``, then
+    ``encoder10``), ``decoder4`` (MONAI's ``decoder5``), then for l = 3..0 ``skip{l}`` (the CNN encoder of the level-l
+    skip: MONAI's ``encoder{l+1}``, kind "encoder") and ``decoder{l}`` (MONAI's ``decoder{l+1}``), and ``head0``
+    (``out``). Blocks: each Swin transformer block (the first of a stage also goes channels last, the first that
+    shifts its windows also builds the attention mask, the last also merges patches), each half of a residual CNN
+    block of the bottleneck and the decoders; a skip encoder is one block. The skips' CNN encoders run where their
+    skip is merged, after the Swin stages as in the parent, so their backward comes before the stages' (run right
+    after a stage, the level-0 skip's gradient would wait through the whole transformer's backward); they consume
+    no random numbers, so every dropout mask is the parent's.
 
     MONAI's own ``use_checkpoint=True`` (each Swin block checkpoints its attention and its MLP) keeps working:
     it is the parent's forward under ``checkpoint_policy="none"``, and it stays in effect in every Swin block
@@ -207,26 +225,22 @@ class CheckpointSwinUNETR(CheckpointPolicyMixin, SwinUNETR):
         """The chain; blocks named in ``inside`` run within one of our checkpoints (their Swin blocks then
         skip MONAI's own ``use_checkpoint``)."""
         swin, norm = self.swinViT, self.normalize
-
-        def own(segment: str, k: int) -> bool:
-            return self.use_checkpoint and f"{segment}.{k}" not in inside
-
-        steps = segment_steps("encoder0", 0, "encoder", dict(fn=functools.partial(_input_skip, self.encoder1), extra=1))
-        steps += segment_steps(
-            "encoder1", 1, "encoder", dict(fn=functools.partial(_embed, swin)),
-            dict(fn=functools.partial(_with_skip, self.encoder2, swin.proj_out, norm), extra=1),
-        )  # fmt: skip
-        skips = (self.encoder3, self.encoder4, None)
-        for i, skip in enumerate(skips):
+        steps = segment_steps("encoder1", 1, "encoder", dict(fn=functools.partial(_embed, swin, norm), extra=2))
+        for i in range(3):
             name = f"encoder{i + 2}"
-            blocks = _stage_blocks(swin, i, functools.partial(own, name))
-            blocks.append(dict(fn=functools.partial(_with_skip, skip, swin.proj_out, norm), extra=1))
-            steps += segment_steps(name, i + 2, "encoder", *blocks)
-        blocks = _stage_blocks(swin, 3, functools.partial(own, "bottleneck"))
-        blocks.append(dict(fn=functools.partial(swin.proj_out, normalize=norm)))
-        blocks += _conv_blocks(self.encoder10.layer)
+            steps += segment_steps(name, i + 2, "encoder", *_stage_blocks(swin, i, norm, name, inside,
+                                                                            self.use_checkpoint))
+        bottom = _conv_blocks(self.encoder10.layer)
+        blocks = _stage_blocks(swin, 3, norm, "bottleneck", inside, self.use_checkpoint, push_hidden=False,
+                               after=len(bottom)) + bottom
         steps += segment_steps("bottleneck", 5, "bottleneck", *blocks)
-        for level, up in zip(range(4, -1, -1), (self.decoder5, self.decoder4, self.decoder3, self.decoder2, self.decoder1)):
+        steps += segment_steps("decoder4", 4, "decoder", *_up_blocks(self.decoder5))
+        # the skips' CNN encoders run where their skip is merged (the parent runs them after the whole Swin
+        # transformer): their backward then comes before the transformer's, not after it
+        for level, encoder, up in zip(range(3, -1, -1), (self.encoder4, self.encoder3, self.encoder2, self.encoder1),
+                                      (self.decoder4, self.decoder3, self.decoder2, self.decoder1)):
+            steps += segment_steps(f"skip{level}", level, "encoder",
+                                   dict(fn=functools.partial(_skip_encoder, encoder), pops=1, extra=1))
             steps += segment_steps(f"decoder{level}", level, "decoder", *_up_blocks(up))
         steps += segment_steps("head0", 0, "head", dict(fn=self.out))
         return steps
