@@ -61,9 +61,10 @@ def test_each_conv_runs_at_most_three_times():
 
 
 def test_nested_vnet_and_deep_supervision_dynunet_are_exact():
-    parent, child = make_pair(VNet, CheckpointVNet, dict(spatial_dims=3, in_channels=1, out_channels=2), WHOLE_NESTED)
-    assert_same_training(parent, child, [torch.randn(2, 1, 16, 16, 16)])  # one step: 45 M parameters
-    assert _batch_counts(child) == {1}
+    vnet = dict(spatial_dims=2, in_channels=2, out_channels=3, dropout_prob_down=0.3, dropout_dim=2)  # in-place ELU
+    parent, child = make_pair(VNet, CheckpointVNet, vnet, WHOLE_NESTED)
+    assert_same_training(parent, child, [torch.randn(2, 2, 32, 32) for _ in range(2)])
+    assert _batch_counts(child) == {2}
     kw = dict(spatial_dims=3, in_channels=2, out_channels=3, kernel_size=[3] * 4, strides=[1, 2, 2, 2],
               upsample_kernel_size=[2] * 3, filters=[4, 8, 16, 32], deep_supervision=True, deep_supr_num=2,
               dropout=0.1, norm_name="batch")
