@@ -112,3 +112,36 @@ def test_nested_policy_syntax_and_errors():
         validate_policy({"names": ["encoder0"], "mode": "twice"})
     with pytest.raises(ValueError, match="not policy dicts"):
         validate_policy({"names": [{"plain": "encoder0"}]})
+
+
+def test_the_merge_keeps_its_parts_not_their_concatenation():
+    """Op-level: the decoder's merge (concatenation + transposed conv) saves the skip and the upsampled tensor,
+    which the chain keeps anyway, and concatenates them again in backward: no tensor with the channels of both is
+    kept (MONAI's UNet keeps one per level), and training stays bit-identical, under bf16 autocast too."""
+    cfg = dict(CFG, norm="instance", dropout=0.0)
+    x = torch.randn(2, 1, 16, 16, 16)
+
+    def saved_shapes(net):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            net(x)
+        return set(shapes)
+
+    torch.manual_seed(0)
+    parent, child = UNet(**cfg), CheckpointUNet(**cfg, checkpoint_policy=["encoder0"])  # the decoders run plainly
+    child.load_state_dict(parent.state_dict())
+    concatenations = {(2, 8 + 16, 4, 4, 4), (2, 4 + 4, 8, 8, 8)}  # level 1: skip + bottleneck; level 0: skip + up
+    assert concatenations <= saved_shapes(parent)
+    assert not concatenations & saved_shapes(child)
+    for policy in (["encoder0"], MIXED):
+        child.checkpoint_policy = policy
+        for net in (parent, child):
+            net.zero_grad()
+            torch.manual_seed(3)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = net(x)
+            out.float().square().mean().backward()
+            net.out = out
+        assert torch.equal(child.out, parent.out)
+        for (name, p), c in zip(parent.named_parameters(), child.parameters()):
+            assert torch.equal(p.grad, c.grad), name
