@@ -10,6 +10,9 @@ blocks before it keep, its own activations and gradients, the skip gradients wai
 parameters, gradients and optimizer state). The front's fastest admissible end is optimal for that memory
 model (as rotor does for chains), not a rule of thumb.
 
+Only when no such policy fits does it search the opt-in nested mode (`_Planner.smallest` with ``nested``): groups
+whose recomputation checkpoints runs of their blocks again, each candidate measured.
+
 The model is then checked against the measurement it stands for: the chosen policy's whole training step is
 run under MemTracker on fake tensors (exact live-tensor bytes, see DESIGN.md), and the model's budget is
 tightened until that measured peak fits. The plan's ``predicted_peak_bytes`` is this measured figure; the
@@ -967,6 +970,9 @@ def plan(
     Returns:
         a `Plan`; ``plan.policy`` goes to ``network.checkpoint_policy``. The same question in one process gets
         the same plan (the profile is kept, times are rounded and ties broken by a fixed rule).
+
+    Nested recomputation (policy mode ``"nested"``, a block run up to three times per step) is used only when no
+    policy without it fits the budget.
 
     Raises:
         ValueError: when nothing fits (the message gives the smallest peak reachable and its policy); for a
