@@ -338,7 +338,7 @@ def _nested_groups(names: Sequence, segments: Sequence[Segment]) -> list[Checkpo
                 runs.append(tuple(b for n in members for b in by_segment.get(n, (n,))))
         outer.append(flat)
         runs_of.append(runs)
-    groups = {g.names: g for g in _named_groups(outer, segments, "full")}  # checks names, order and overlaps
+    order = [g.names for g in _named_groups(outer, segments, "full")]  # checks names, order and overlaps
     nested = []
     for entry, runs in zip(outer, runs_of):
         blocks = tuple(b for n in ([entry] if isinstance(entry, str) else entry) for b in by_segment.get(n, (n,)))
@@ -347,5 +347,4 @@ def _nested_groups(names: Sequence, segments: Sequence[Segment]) -> list[Checkpo
                              "nesting it recomputes the same blocks twice for nothing; give two or more inner runs, "
                              "e.g. one per block.")
         nested.append(CheckpointGroup(blocks, "full", tuple(runs) if len(blocks) > 1 else ()))
-    assert set(groups) == {g.names for g in nested}
-    return sorted(nested, key=lambda g: list(groups).index(g.names))
+    return sorted(nested, key=lambda g: order.index(g.names))

@@ -8,7 +8,7 @@ from monai.networks.nets import DynUNet, UNet, VNet
 from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet
 from monai_ckpt.policies import CheckpointGroup, resolve_policy, validate_policy
 from monai_ckpt.profiling import measure_step_memory
-from helpers import assert_same_training, make_pair
+from helpers import assert_same_training, count_conv_calls, make_pair
 
 CFG = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2,
            norm="batch", dropout=0.2)
@@ -32,24 +32,10 @@ def test_nested_unet_with_batchnorm_and_dropout_is_exact(policy):
     assert _batch_counts(child) == {2}  # BatchNorm counted once per step at every level of recomputation
 
 
-def _conv_starts(model: torch.nn.Module, run) -> dict[str, int]:
-    """How often each convolution module starts a forward (a pre-hook: a recomputation that torch stops early,
-    as soon as it has every tensor it needs, may stop inside the last module it runs, before a forward hook)."""
-    counts = {n: 0 for n, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: counts.__setitem__(n, counts[n] + 1))
-               for n, m in model.named_modules() if n in counts]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return counts
-
-
 def test_each_conv_runs_at_most_three_times():
     child = CheckpointUNet(**CFG, checkpoint_policy=MIXED)
     x = torch.randn(2, 1, 16, 16, 16)
-    counts = _conv_starts(child, lambda: child(x).square().mean().backward())
+    counts = count_conv_calls(child, lambda: child(x).square().mean().backward(), starts=True)
     assert max(counts.values()) == 3
     # encoder0 is one plain group: forward + its recomputation. The deeper levels are inner runs of a nested group:
     # forward, the outer group's recomputation, their own.
@@ -57,7 +43,7 @@ def test_each_conv_runs_at_most_three_times():
     assert all(counts[n] == 3 for n in counts if n.startswith("model.1.submodule.0."))
     assert counts["model.2.0.conv"] == 3  # decoder0.0's transposed conv
     child.checkpoint_policy = [["encoder1", "bottleneck", "decoder1"], ["decoder0.0", "decoder0.1", "decoder0.2"]]
-    assert max(_conv_starts(child, lambda: child(x).square().mean().backward()).values()) == 2
+    assert max(count_conv_calls(child, lambda: child(x).square().mean().backward(), starts=True).values()) == 2
 
 
 def test_nested_vnet_and_deep_supervision_dynunet_are_exact():
