@@ -10,7 +10,8 @@ outputs are the running tensor, the skips it leaves for later and what it emits:
 output of its checkpoint, so it gets its gradient (a side effect inside a checkpoint would silently get
 none). By default groups never nest, so each block is recomputed at most once per backward; a nested group
 (the opt-in policy mode ``"nested"``) checkpoints runs of its blocks again inside its own recomputation, so
-those run at most three times per step. Module names never change: the chain only calls the parent's own modules, in the parent's order (dropout masks included).
+those run at most three times per step. Module names never change: the chain only calls the parent's own
+modules, in the parent's order (dropout masks included).
 
 Core: it knows no MONAI network (torch, `checkpoint` and `policies` only). Networks describe themselves as
 chains (`monai_ckpt.networks`); `monai_ckpt.profiling` runs the same chain block by block (`run_steps`).

@@ -53,8 +53,8 @@ from typing import Any, Union
 
 from .checkpoint import CHECKPOINT_MODES
 
-__all__ = ["SEGMENT_KINDS", "POLICY_MODES", "Segment", "CheckpointGroup", "PolicySpec", "is_budget_policy", "resolve_policy",
-           "validate_policy"]
+__all__ = ["SEGMENT_KINDS", "POLICY_MODES", "Segment", "CheckpointGroup", "PolicySpec", "is_budget_policy",
+           "resolve_policy", "validate_policy"]
 
 SEGMENT_KINDS = ("encoder", "bottleneck", "decoder", "head")
 NAMED_POLICIES = ("none", "all", "blocks", *SEGMENT_KINDS, "sqrt", "cheap", "offload")

@@ -13,9 +13,9 @@ from helpers import assert_same_training, count_conv_calls, make_pair
 CFG = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2,
            norm="batch", dropout=0.2)
 WHOLE_NESTED = {"segments": 1, "mode": "nested"}  # the whole network one group, each block an inner run
-MIXED = [{"names": ["encoder0"]}, {"names": [["encoder1", "bottleneck", "decoder1"], ["decoder0.0", {"plain": "decoder0.1"},
-                                                                                     "decoder0.2"]],
-                                   "mode": "nested"}]
+MIXED = [{"names": ["encoder0"]},
+         {"names": [["encoder1", "bottleneck", "decoder1"], ["decoder0.0", {"plain": "decoder0.1"}, "decoder0.2"]],
+          "mode": "nested"}]
 
 
 def _batch_counts(net: torch.nn.Module) -> set[int]:
@@ -74,12 +74,13 @@ def test_nested_policy_syntax_and_errors():
     assert resolve_policy(spec, segments) == [
         CheckpointGroup(("decoder1.0", "decoder1.1", "decoder1.2"), "full",
                         (("decoder1.0",), ("decoder1.1",), ("decoder1.2",))),
-        CheckpointGroup(("decoder0.0", "decoder0.1", "decoder0.2"), "full", (("decoder0.0",), ("decoder0.1", "decoder0.2"))),
+        CheckpointGroup(("decoder0.0", "decoder0.1", "decoder0.2"), "full",
+                        (("decoder0.0",), ("decoder0.1", "decoder0.2"))),
     ]
     # a segment name inside an outer group is one inner run; {"plain": ...} runs without an inner checkpoint
     groups = resolve_policy({"names": [["bottleneck", {"plain": ["decoder1"]}]], "mode": "nested"}, segments)
-    assert groups == [CheckpointGroup(("bottleneck.0", "bottleneck.1", "decoder1.0", "decoder1.1", "decoder1.2"), "full",
-                                      (("bottleneck.0", "bottleneck.1"),))]
+    assert groups == [CheckpointGroup(("bottleneck.0", "bottleneck.1", "decoder1.0", "decoder1.1", "decoder1.2"),
+                                      "full", (("bottleneck.0", "bottleneck.1"),))]
     # other selectors: each group's blocks are its inner runs; a one-block group does not nest
     assert [g.inner for g in resolve_policy({"kind": "encoder", "mode": "nested"}, segments)] == [
         (("encoder0.0",), ("encoder0.1",)), (("encoder1.0",), ("encoder1.1",))]

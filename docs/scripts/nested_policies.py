@@ -20,8 +20,8 @@ from monai_ckpt.profiling import measure_step_memory, step_time_ratios
 SHAPE = (2, 1, 256, 256, 256)
 DEEP = ["encoder2.0", "encoder2.1", "encoder3.0", "encoder3.1", "bottleneck.0", "bottleneck.1", "decoder3.0",
         "decoder3.1", "decoder3.2", "decoder2.0", "decoder2.1", "decoder2.2"]
-MEMORY = ["encoder0", "encoder1", ["encoder2", "encoder3", "bottleneck", "decoder3", "decoder2"], ["decoder1.0", "decoder1.1"],
-          "decoder1.2", "decoder0.0", ["decoder0.1", "decoder0.2"]]  # the least without nesting (41.1%)
+MEMORY = ["encoder0", "encoder1", ["encoder2", "encoder3", "bottleneck", "decoder3", "decoder2"],
+          ["decoder1.0", "decoder1.1"], "decoder1.2", "decoder0.0", ["decoder0.1", "decoder0.2"]]  # the least without nesting (41.1%)
 NESTED_FP32 = [{"names": ["decoder0.0", ["decoder0.1", "decoder0.2"]]},
                {"names": [[["encoder0.0"], ["encoder0.1"], ["encoder1.0", "encoder1.1"]],
                           [DEEP, ["decoder1.0", "decoder1.1"], ["decoder1.2"]]], "mode": "nested"}]
@@ -43,7 +43,8 @@ def unet():
     print("| policy | precision | peak MiB | % of fp32 plain |\n|---|---|---:|---:|")
     for name, policy, amp in rows:
         p = peak(policy, amp)
-        print(f"| {name}: `{json.dumps(policy)}` | {'bf16' if amp else 'fp32'} | {p / 2**20:.0f} | {100 * p / plain:.1f}% |")
+        precision = "bf16" if amp else "fp32"
+        print(f"| {name}: `{json.dumps(policy)}` | {precision} | {p / 2**20:.0f} | {100 * p / plain:.1f}% |")
     # the same network under a user's loss: DiceCE on an integer label map (B, 1, ...), as the planner measures it
     net = network_factory("unet", 3, 1, "none")()
     pl = _planner(net, SHAPE, False, "adam", DiceCELoss(to_onehot_y=True, softmax=True), "index", torch.device("cpu"),
@@ -53,7 +54,8 @@ def unet():
     for name, policy in [("plain", "none"), ("all", "all"), ("least without nesting (fp32, mean(out**2))", MEMORY),
                          ("nested (fp32, mean(out**2))", NESTED_FP32)]:
         p = pl.peak(policy)
-        print(f"| {name} | {p / 2**20:.0f} | {100 * p / dice_plain:.1f}% of the DiceCE plain | {100 * p / plain:.1f}% of "
+        print(f"| {name} | {p / 2**20:.0f} | {100 * p / dice_plain:.1f}% of the DiceCE plain | "
+              f"{100 * p / plain:.1f}% of "
               "the mean(out**2) plain |")
     for nested in (False, True):
         policy, p = pl.smallest(nested=nested)
@@ -61,13 +63,15 @@ def unet():
               f"{100 * p / dice_plain:.1f}% of the DiceCE plain |")
 
 
-def time():
+def time(repeats=3):
     torch.set_num_threads(2)
-    policies = ["none", "all", MEMORY, NESTED_FP32]
-    _, ratios = step_time_ratios([network_factory("unet", 3, 1, p) for p in policies], (1, 1, 96, 96, 96), steps=7,
-                                 warmup=1)
-    for p, r in zip(policies, ratios):
-        print(f"{json.dumps(p)}: {r:.3f}x")
+    policies = {"plain": "none", "all": "all", "least without nesting": MEMORY, "nested (fp32)": NESTED_FP32}
+    runs = [step_time_ratios([network_factory("unet", 3, 1, p) for p in policies.values()], (1, 1, 96, 96, 96),
+                             steps=7, warmup=1)[1] for _ in range(repeats)]
+    print(f"| policy | time x: median of {repeats} runs | range |\n|---|---:|---:|")
+    for i, name in enumerate(policies):
+        ratios = sorted(r[i] for r in runs)
+        print(f"| {name} | {ratios[len(ratios) // 2]:.3f} | {ratios[0]:.3f}-{ratios[-1]:.3f} |", flush=True)
 
 
 def others():
@@ -114,7 +118,8 @@ def search(amp=False):
     best, plain = measured(cuts), peak("none")
     while True:
         moves = [cuts[:i] + [v] + cuts[i + 1:] for i in range(len(cuts)) for v in (0, 1, 2) if v != cuts[i]]
-        moves += [cuts[:i] + [cuts[i + 1], cuts[i]] + cuts[i + 2:] for i in range(len(cuts) - 1) if cuts[i] != cuts[i + 1]]
+        moves += [cuts[:i] + [cuts[i + 1], cuts[i]] + cuts[i + 2:] for i in range(len(cuts) - 1)
+                  if cuts[i] != cuts[i + 1]]
         p, move = min((measured(m), m) for m in moves)
         if p >= best:
             break
