@@ -20,8 +20,9 @@ from monai_ckpt.profiling import measure_step_memory, step_time_ratios
 SHAPE = (2, 1, 256, 256, 256)
 DEEP = ["encoder2.0", "encoder2.1", "encoder3.0", "encoder3.1", "bottleneck.0", "bottleneck.1", "decoder3.0",
         "decoder3.1", "decoder3.2", "decoder2.0", "decoder2.1", "decoder2.2"]
+# the least without nesting (fp32; 41.1% before the merge kept its parts instead of the concatenation, now 39.2%)
 MEMORY = ["encoder0", "encoder1", ["encoder2", "encoder3", "bottleneck", "decoder3", "decoder2"],
-          ["decoder1.0", "decoder1.1"], "decoder1.2", "decoder0.0", ["decoder0.1", "decoder0.2"]]  # the least without nesting (41.1%)
+          ["decoder1.0", "decoder1.1"], "decoder1.2", "decoder0.0", ["decoder0.1", "decoder0.2"]]
 NESTED_FP32 = [{"names": ["decoder0.0", ["decoder0.1", "decoder0.2"]]},
                {"names": [[["encoder0.0"], ["encoder0.1"], ["encoder1.0", "encoder1.1"]],
                           [DEEP, ["decoder1.0", "decoder1.1"], ["decoder1.2"]]], "mode": "nested"}]
