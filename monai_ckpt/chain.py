@@ -8,8 +8,10 @@ carry extra tensors to a later block of its segment (a residual branch); a side 
 of `monai_ckpt.checkpoint` whose inputs are the running tensor and the skips the group consumes, and whose
 outputs are the running tensor, the skips it leaves for later and what it emits: every head output is an
 output of its checkpoint, so it gets its gradient (a side effect inside a checkpoint would silently get
-none). Groups never nest, so each block is recomputed at most once per backward, and module names never
-change: the chain only calls the parent's own modules, in the parent's order (dropout masks included).
+none). By default groups never nest, so each block is recomputed at most once per backward; a nested group
+(the opt-in policy mode ``"nested"``) checkpoints runs of its blocks again inside its own recomputation, so
+those run at most three times per step. Module names never change: the chain only calls the parent's own
+modules, in the parent's order (dropout masks included).
 
 Core: it knows no MONAI network (torch, `checkpoint` and `policies` only). Networks describe themselves as
 chains (`monai_ckpt.networks`); `monai_ckpt.profiling` runs the same chain block by block (`run_steps`).
@@ -24,7 +26,7 @@ import torch
 from .checkpoint import checkpoint
 from .policies import CheckpointGroup, Segment
 
-__all__ = ["ChainStep", "run_chain", "run_steps", "segment_steps", "skips_needed"]
+__all__ = ["ChainStep", "run_chain", "run_groups", "run_steps", "segment_steps", "skips_needed"]
 
 
 @dataclass(frozen=True)
@@ -81,16 +83,18 @@ def skips_needed(steps: Sequence[ChainStep]) -> int:
     return need
 
 
-def run_chain(
-    steps: Sequence[ChainStep], groups: Sequence[CheckpointGroup], x: torch.Tensor
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run ``steps`` on ``x``, checkpointing each group of consecutive steps as one unit.
+def run_groups(
+    steps: Sequence[ChainStep], groups: Sequence[CheckpointGroup], x: torch.Tensor, *skips: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Run ``steps`` like `run_steps`, checkpointing each group of consecutive steps as one unit; returns
+    ``(x, *skips left on the stack, *emitted outputs)``.
 
-    Returns:
-        the final tensor and the emitted (side head) outputs in execution order.
+    A nested group (one with ``inner`` runs) is one checkpoint whose function runs its steps with each inner
+    run checkpointed again: its recomputation keeps only the inner runs' boundaries, and each inner run is
+    recomputed once more in its own backward.
     """
     starts = {group.names[0]: group for group in groups}
-    stack: list[torch.Tensor] = []
+    stack: list[torch.Tensor] = list(skips)
     emitted: list[torch.Tensor] = []
     i = 0
     while i < len(steps):
@@ -100,6 +104,9 @@ def run_chain(
         kept, given = stack[: len(stack) - need], stack[len(stack) - need :]
         if group is None:
             outs = run_steps(chunk, x, *given)
+        elif group.inner:
+            inner = [CheckpointGroup(run) for run in group.inner]
+            outs = checkpoint(run_groups, chunk, inner, x, *given, mode=group.mode)
         else:
             outs = checkpoint(run_steps, chunk, x, *given, mode=group.mode)
         n_emit = sum(step.emit for step in chunk)
@@ -107,4 +114,17 @@ def run_chain(
         emitted += outs[len(outs) - n_emit :]
         stack = kept + pushed
         i += len(chunk)
-    return x, emitted
+    return (x, *stack, *emitted)
+
+
+def run_chain(
+    steps: Sequence[ChainStep], groups: Sequence[CheckpointGroup], x: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run ``steps`` on ``x``, checkpointing each group of consecutive steps as one unit (see `run_groups`).
+
+    Returns:
+        the final tensor and the emitted (side head) outputs in execution order.
+    """
+    n_emit = sum(step.emit for step in steps)
+    outs = run_groups(steps, groups, x)
+    return outs[0], list(outs[len(outs) - n_emit :])

@@ -10,6 +10,9 @@ blocks before it keep, its own activations and gradients, the skip gradients wai
 parameters, gradients and optimizer state). The front's fastest admissible end is optimal for that memory
 model (as rotor does for chains), not a rule of thumb.
 
+Only when no such policy fits does it search the opt-in nested mode (`_Planner.smallest` with ``nested``): groups
+whose recomputation checkpoints runs of their blocks again, each candidate measured.
+
 The model is then checked against the measurement it stands for: the chosen policy's whole training step is
 run under MemTracker on fake tensors (exact live-tensor bytes, see DESIGN.md), and the model's budget is
 tightened until that measured peak fits. The plan's ``predicted_peak_bytes`` is this measured figure; the
@@ -527,6 +530,40 @@ def _neighbours(units: tuple) -> Iterator[tuple]:
                     yield tuple(units[:i] + [(blocks + nxt[:1], mode), (nxt[1:], nmode)] + units[i + 2 :])
 
 
+def _nested_spec(p: _Profile, units: Sequence[tuple[tuple[int, ...], str]],
+                 nested: Sequence[tuple[tuple[int, ...], ...]]) -> PolicySpec:
+    """The policy of ``units`` (as `_policy_of_units`) plus ``nested`` groups, each given by its inner runs (block
+    indices): ``{"names": [[run, run, ...], ...], "mode": "nested"}`` next to the non-nested groups."""
+    spec, _ = _policy_of_units(p, units)
+    if not nested:
+        return spec
+    spec = [] if spec == "none" else [{"names": spec}] if isinstance(spec[0], (str, list)) else list(spec)
+    groups = [[[p.costs[b].block for b in run] for run in runs] for runs in nested]
+    return spec + [{"names": groups, "mode": "nested"}]
+
+
+def _nesting_moves(p: _Profile, outer: list[tuple[tuple[int, ...], ...]]) -> Iterator[list]:
+    """Nested policies one move away, highest resolution first: two neighbouring fully recomputed groups become
+    one group whose recomputation checkpoints them again (their runs become its inner runs), or an inner run is
+    split into its segments, or (a short one) into its blocks."""
+    level = {i: min(p.costs[b].level for run in runs for b in run) for i, runs in enumerate(outer)}
+    moves = []
+    for i in range(len(outer) - 1):
+        if outer[i][-1][-1] + 1 == outer[i + 1][0][0]:
+            moves.append((max(level[i], level[i + 1]), 0, outer[:i] + [outer[i] + outer[i + 1]] + outer[i + 2:]))
+    for i, runs in enumerate(outer):
+        if len(runs) == 1:
+            continue
+        for k, run in enumerate(runs):
+            segments = [tuple(b for b in run if p.costs[b].segment == name) for name in
+                        dict.fromkeys(p.costs[b].segment for b in run)]
+            for split in {tuple(segments), tuple((b,) for b in run) if len(run) <= 3 else ()}:
+                if len(split) > 1:
+                    moves.append((level[i], 1, outer[:i] + [runs[:k] + split + runs[k + 1:]] + outer[i + 1:]))
+    for _, _, move in sorted(moves, key=lambda m: m[:2]):
+        yield move
+
+
 def _group_labels(groups: Sequence, segments: Sequence) -> list[str]:
     """A name per checkpoint group: its segments (or blocks), joined with '+' when it spans several."""
     whole = {s.blocks: s.name for s in segments}
@@ -600,6 +637,8 @@ class _Planner:
         self._policies: dict[str, PolicySpec] = {}
         self._profile: _Profile | None = None
         self._smallest: tuple[PolicySpec, int] | None = None
+        self._smallest_nested_found: tuple[PolicySpec, int] | None = None
+        self._smallest_nested_done = False
 
     @property
     def profile(self) -> _Profile:
@@ -639,7 +678,17 @@ class _Planner:
         return self._units_peak(self._units(policy))
 
     def time_ratio(self, policy: PolicySpec) -> float:
-        return 1.0 + _option(self.profile, self._units(policy), self.grads_after).time
+        """The model's step time with ``policy`` as a ratio to the plain step; a nested group's inner runs add
+        their recomputation once more."""
+        p = self.profile
+        extra = sum(sum(p.recompute_s["full"][i] for i in run) - p.tail_s["full"][run[-1]]
+                    for g in resolve_policy(policy, self.network.checkpoint_segments())
+                    for run in ([self._index[n] for n in names] for names in g.inner))
+        return 1.0 + _option(p, self._units(policy), self.grads_after).time + extra
+
+    @property
+    def _index(self) -> dict[str, int]:
+        return {c.block: i for i, c in enumerate(self.profile.costs)}
 
     def fastest(self, budget: int, tries: int = 5) -> tuple[PolicySpec, list[str]] | None:
         """The dynamic program's fastest choice whose measured peak fits ``budget``: the model's limit starts
@@ -679,7 +728,8 @@ class _Planner:
         peak, then to the policy's text: the same measurements always give the same answer."""
         self.profile  # noqa: B018 - profiled (and calibrated: two more measurements) before the candidates are read
         fitting = [(round(self.time_ratio(policy), 6), self._peaks[key], key, policy)
-                   for key, policy in list(self._policies.items()) if self._peaks[key] <= limit]
+                   for key, policy in list(self._policies.items())
+                   if self._peaks[key] <= limit and '"nested"' not in key]  # nesting: only when nothing else fits
         return min(fitting, key=lambda f: f[:3])[3] if fitting else None
 
     def plan(self, budget: int, headroom: int = 0) -> Plan:
@@ -702,6 +752,11 @@ class _Planner:
             self.progress(f"nothing measured fits {_size(limit)} yet: searching the least-memory policy")
             least, peak = self.smallest(hopeless=limit)
         policy = self._fastest_measured(limit)
+        if policy is None and peak > limit >= 0.5 * peak:
+            # the opt-in nested mode, only now that no policy recomputing each block at most once fits
+            self.progress(f"nothing without nesting fits {_size(limit)}: searching nested policies")
+            least, peak = self.smallest(nested=True, stop_at=limit)
+            policy = least if peak <= limit else None
         if policy is None:
             raise ValueError(
                 f"nothing fits {budget / GiB:.4g} GiB" + (f" ({_size(limit)} for tensors after {_size(headroom)} "
@@ -717,12 +772,20 @@ class _Planner:
         return Plan(policy, names, self.peak(policy), ratio, True, budget, plain, self.input_shape, self.amp,
                     self.optimizer, *extras)
 
-    def smallest(self, rounds: int = 4, per_round: int = 2, hopeless: int | None = None) -> tuple[PolicySpec, int]:
+    def smallest(self, rounds: int = 4, per_round: int = 2, hopeless: int | None = None, nested: bool = False,
+                 stop_at: int | None = None, measurements: int = 24) -> tuple[PolicySpec, int]:
         """The policy with the smallest measured peak: the least of the fixed policies, "all" with the top
         decoders split into blocks, the model's least-memory choice and the least-memory policies found for this
         network at other shapes; then a local search from the least of them (change a mode, split, merge runs
         across segment boundaries, move a cut), each round measuring the ``per_round`` moves the model ranks
-        lowest, until no move lowers the measured peak."""
+        lowest, until no move lowers the measured peak.
+
+        With ``nested`` (the opt-in mode ``"nested"``), from that policy on: a greedy search over nested groups
+        (`_nesting_moves`, highest resolution first, each measured; the first move that lowers the peak is
+        taken) until no move helps, the peak is at most ``stop_at`` bytes, or ``measurements`` are spent.
+        Returns the least found, nested or not."""
+        if nested:
+            return self._smallest_nested(stop_at, measurements)
         if self._smallest is not None:
             return self._smallest
         candidates: list[PolicySpec] = list(FIXED_POLICIES) + list(_LEAST.get(_network_key(self.network), []))
@@ -779,6 +842,41 @@ class _Planner:
             known.append(policy)
         self._smallest = (policy, peak)
         return self._smallest
+
+
+    def _smallest_nested(self, stop_at: int | None, measurements: int) -> tuple[PolicySpec, int]:
+        if self._smallest_nested_found is not None and (stop_at is None or self._smallest_nested_found[1] <= stop_at
+                                                        or self._smallest_nested_done):
+            return self._smallest_nested_found
+        policy, peak = self._smallest_nested_found or self.smallest()
+        p = self.profile
+        units = self._units(policy) if self._smallest_nested_found is None else self._nested_units
+        outer = [(blocks,) for blocks, mode in units if mode == "full"]
+        if self._smallest_nested_found is not None:
+            outer = self._nested_outer
+        others = [u for u in units if u[1] != "full"]
+        done = True
+        spent = 0
+        while stop_at is None or peak > stop_at:
+            improved = False
+            for move in _nesting_moves(p, outer):
+                if spent >= measurements:
+                    done = False
+                    break
+                flat = [(tuple(b for run in runs for b in run), "full") for runs in move if len(runs) == 1]
+                spec = _nested_spec(p, sorted(others + flat), [runs for runs in move if len(runs) > 1])
+                if _spec_text(spec) in self._peaks:
+                    continue
+                spent += 1
+                self.progress(f"nested least-memory search: {_size(peak)} so far, measuring a move")
+                if self.peak(spec) < peak:
+                    peak, policy, outer, improved = self.peak(spec), spec, move, True
+                    break
+            if not improved:
+                break
+        self._nested_outer, self._nested_units = outer, others + [(r[0], "full") for r in outer if len(r) == 1]
+        self._smallest_nested_found, self._smallest_nested_done = (policy, peak), done
+        return policy, peak
 
 
 _PLANNERS: OrderedDict[tuple, _Planner] = OrderedDict()  # the last few planners of this process, by question
@@ -884,6 +982,9 @@ def plan(
     Returns:
         a `Plan`; ``plan.policy`` goes to ``network.checkpoint_policy``. The same question in one process gets
         the same plan (the profile is kept, times are rounded and ties broken by a fixed rule).
+
+    Nested recomputation (policy mode ``"nested"``, a block run up to three times per step) is used only when no
+    policy without it fits the budget.
 
     Raises:
         ValueError: when nothing fits (the message gives the smallest peak reachable and its policy); for a

@@ -27,6 +27,17 @@ Valid specs:
   ``[{"kind": "encoder"}, {"names": ["decoder0"], "mode": "cheap"}]``.
 - a dict may add ``"mode"`` (``"full"``, ``"cheap"`` or ``"offload"``) to any of the above:
   ``{"kind": "decoder", "mode": "cheap"}``, ``{"names": [...], "mode": "cheap"}``, ``{"every": 2, "mode": ...}``.
+- ``"mode": "nested"`` (opt-in, never chosen by default; the planner uses it only when nothing else fits): each
+  group is recomputed in full, and inside that recomputation runs of its blocks are checkpointed again, so the
+  group's recomputation keeps only the boundaries of those runs and each run is recomputed once more in its own
+  backward (a block runs at most three times per training step; outputs, gradients and BatchNorm statistics stay
+  bit-identical). With ``"names"``, an entry that is a name makes its segment the outer group and each of its
+  blocks an inner run; an entry that is a list is one outer group whose items are its inner runs, each a
+  name (a block, or a segment's blocks as one run) or a list of names (one run), e.g.
+  ``{"names": ["decoder1", ["decoder0.0", ["decoder0.1", "decoder0.2"]]], "mode": "nested"}``. A block of an
+  outer group in no inner run runs plainly inside the group's recomputation: ``{"plain": name or names}`` as an
+  item of an outer group. With ``"every"``, ``"segments"`` or ``"kind"`` each group's blocks are its inner runs,
+  one block each (a group of one block is just recomputed in full).
 - ``{"budget_gb": X}`` (optionally with ``"optimizer"``: ``"adam"``, ``"sgd"`` or ``"none"``, and ``"headroom_gb"``:
   what of X the device needs beyond live tensors, see `monai_ckpt.planner.plan`): the planner
   (`monai_ckpt.planner`) chooses, for each input shape a network sees in training, the fastest policy whose
@@ -42,12 +53,14 @@ from typing import Any, Union
 
 from .checkpoint import CHECKPOINT_MODES
 
-__all__ = ["SEGMENT_KINDS", "Segment", "CheckpointGroup", "PolicySpec", "is_budget_policy", "resolve_policy",
-           "validate_policy"]
+__all__ = ["SEGMENT_KINDS", "POLICY_MODES", "Segment", "CheckpointGroup", "PolicySpec", "is_budget_policy",
+           "resolve_policy", "validate_policy"]
 
 SEGMENT_KINDS = ("encoder", "bottleneck", "decoder", "head")
 NAMED_POLICIES = ("none", "all", "blocks", *SEGMENT_KINDS, "sqrt", "cheap", "offload")
 _DICT_KEYS = ("every", "segments", "kind", "names", "mode")
+NESTED = "nested"
+POLICY_MODES = (*CHECKPOINT_MODES, NESTED)
 _BUDGET_KEYS = ("budget_gb", "optimizer", "headroom_gb")
 _OPTIMIZERS = ("adam", "sgd", "none")
 
@@ -57,7 +70,7 @@ VALID_POLICIES_TEXT = (
     f"{', '.join(repr(p) for p in NAMED_POLICIES)}, {{'every': k}}, {{'segments': k}}, "
     "a list of segment/block names, lists of names (one group each) and/or such dicts, "
     "or a dict of one of 'every'/'segments'/'kind'/'names' with an optional "
-    f"'mode' in {CHECKPOINT_MODES}, or {{'budget_gb': X}} with an optional 'optimizer' in {_OPTIMIZERS} and 'headroom_gb'"
+    f"'mode' in {POLICY_MODES}, or {{'budget_gb': X}} with an optional 'optimizer' in {_OPTIMIZERS} and 'headroom_gb'"
 )
 
 
@@ -85,10 +98,18 @@ class Segment:
 
 @dataclass(frozen=True)
 class CheckpointGroup:
-    """Consecutive blocks recomputed together in backward, with a checkpoint mode."""
+    """Consecutive blocks recomputed together in backward, with a checkpoint mode.
+
+    Attributes:
+        names: the blocks, in execution order.
+        mode: the checkpoint mode of the group (see `monai_ckpt.checkpoint.CHECKPOINT_MODES`).
+        inner: for a nested group (mode ``"full"``), the runs of its blocks checkpointed again inside its
+            recomputation, in order; blocks in no run run plainly there. Empty for a group that does not nest.
+    """
 
     names: tuple[str, ...]
     mode: str = "full"
+    inner: tuple[tuple[str, ...], ...] = ()
 
 
 def _bad(spec: Any, why: str = "") -> ValueError:
@@ -140,17 +161,55 @@ def validate_policy(spec: Any) -> PolicySpec:
         selectors = [k for k in ("every", "segments", "kind", "names") if k in spec]
         if len(selectors) != 1:
             raise _bad(spec, "give exactly one of 'every', 'segments', 'kind', 'names'")
-        if spec.get("mode", "full") not in CHECKPOINT_MODES:
-            raise _bad(spec, f"'mode' must be one of {CHECKPOINT_MODES}")
+        if spec.get("mode", "full") not in POLICY_MODES:
+            raise _bad(spec, f"'mode' must be one of {POLICY_MODES}")
         key = selectors[0]
         if key in ("every", "segments"):
             _positive_int(spec, key)
         elif key == "kind" and spec["kind"] not in SEGMENT_KINDS:
             raise _bad(spec, f"'kind' must be one of {SEGMENT_KINDS}")
+        elif key == "names" and spec.get("mode") == NESTED:
+            return {**spec, "names": _validate_nested_names(spec)}
         elif key == "names":
-            validate_policy(spec["names"])
+            names = spec["names"]
+            if isinstance(names, (list, tuple)) and any(isinstance(n, dict) for n in names):
+                raise _bad(spec, "'names' holds segment/block names and lists of them, not policy dicts")
+            validate_policy(names)
         return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in spec.items()}
     raise _bad(spec)
+
+
+def _validate_nested_names(spec: dict) -> list:
+    """The ``"names"`` of a nested policy in canonical form: names, and outer groups (lists) whose items are
+    names, lists of names or ``{"plain": names}``."""
+    names = spec["names"]
+    if isinstance(names, str):
+        names = [names]
+    why = ("in mode 'nested', 'names' is a list whose entries are segment/block names (the segment nested, "
+           "each of its blocks an inner run) or outer groups: lists of inner runs, each a name or a list of names, "
+           "or {'plain': names} for blocks run without an inner checkpoint")
+    if not isinstance(names, (list, tuple)) or not names:
+        raise _bad(spec, why)
+    canonical: list = []
+    for entry in names:
+        if isinstance(entry, str):
+            canonical.append(entry)
+            continue
+        if not isinstance(entry, (list, tuple)) or not entry:
+            raise _bad(spec, why)
+        group: list = []
+        for item in entry:
+            if isinstance(item, dict):
+                if set(item) != {"plain"} or not (isinstance(item["plain"], str) or _is_name_group(item["plain"])):
+                    raise _bad(spec, why)
+                item = {"plain": [item["plain"]] if isinstance(item["plain"], str) else list(item["plain"])}
+            elif _is_name_group(item):
+                item = list(item)
+            elif not isinstance(item, str):
+                raise _bad(spec, why)
+            group.append(item)
+        canonical.append(group)
+    return canonical
 
 
 def _is_name_group(value: Any) -> bool:
@@ -205,6 +264,8 @@ def resolve_policy(spec: Any, segments: Sequence[Segment]) -> list[CheckpointGro
         mode = spec.get("mode", "full")
         spec = {k: v for k, v in spec.items() if k != "mode"}
         ((key, value),) = spec.items()
+        if mode == NESTED and key == "names":
+            return _nested_groups(value, segments)
         spec = {"kind": value, "names": value}.get(key, spec)
     if spec in ("cheap", "offload"):
         mode, spec = spec, "all"
@@ -226,6 +287,8 @@ def resolve_policy(spec: Any, segments: Sequence[Segment]) -> list[CheckpointGro
     blocks = [tuple(b for s in run for b in s.blocks) for run in runs if run]
     if spec == "blocks":
         blocks = [(b,) for run in blocks for b in run]
+    if mode == NESTED:
+        return [CheckpointGroup(run, "full", tuple((b,) for b in run) if len(run) > 1 else ()) for run in blocks]
     return [CheckpointGroup(run, mode) for run in blocks]
 
 
@@ -253,3 +316,35 @@ def _named_groups(names: Sequence[str], segments: Sequence[Segment], mode: str) 
     if len(taken) != len(set(taken)):
         raise ValueError(f"checkpoint_policy {list(names)!r} names a block twice (a segment and one of its blocks).")
     return [CheckpointGroup(g, mode) for g in sorted(groups, key=lambda g: order[g[0]])]
+
+
+def _nested_groups(names: Sequence, segments: Sequence[Segment]) -> list[CheckpointGroup]:
+    """The groups of ``{"names": names, "mode": "nested"}`` (names in the canonical form of
+    `_validate_nested_names`)."""
+    by_segment = {s.name: s.blocks for s in segments}
+    outer: list = []
+    runs_of: list[list[tuple[str, ...]]] = []
+    for entry in names:
+        if isinstance(entry, str):
+            outer.append(entry)
+            runs_of.append([(b,) for b in by_segment.get(entry, (entry,))])
+            continue
+        flat, runs = [], []
+        for item in entry:
+            plain = isinstance(item, dict)
+            members = item["plain"] if plain else [item] if isinstance(item, str) else item
+            flat += members
+            if not plain:
+                runs.append(tuple(b for n in members for b in by_segment.get(n, (n,))))
+        outer.append(flat)
+        runs_of.append(runs)
+    order = [g.names for g in _named_groups(outer, segments, "full")]  # checks names, order and overlaps
+    nested = []
+    for entry, runs in zip(outer, runs_of):
+        blocks = tuple(b for n in ([entry] if isinstance(entry, str) else entry) for b in by_segment.get(n, (n,)))
+        if len(runs) == 1 and runs[0] == blocks and len(blocks) > 1:
+            raise ValueError(f"checkpoint_policy nested group {entry!r} has one inner run that is the whole group: "
+                             "nesting it recomputes the same blocks twice for nothing; give two or more inner runs, "
+                             "e.g. one per block.")
+        nested.append(CheckpointGroup(blocks, "full", tuple(runs) if len(blocks) > 1 else ()))
+    return sorted(nested, key=lambda g: order.index(g.names))

@@ -117,14 +117,17 @@ def assert_same_under_autocast(parent: nn.Module, child: nn.Module, x: torch.Ten
         assert torch.equal(p.grad, c.grad), name
 
 
-def count_conv_calls(model: nn.Module, run) -> dict[str, int]:
-    """Forward calls of every convolution module of ``model`` while ``run()`` executes."""
+def count_conv_calls(model: nn.Module, run, starts: bool = False) -> dict[str, int]:
+    """Forward calls of every convolution module of ``model`` while ``run()`` executes. With ``starts``, the calls
+    started (a pre-hook): a recomputation that torch stops early, as soon as it has every tensor it needs, may stop
+    inside the last module it runs, before that module's forward hook."""
     counts: dict[str, int] = {}
     handles = []
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             counts[name] = 0
-            handles.append(m.register_forward_hook(lambda mod, i, o, name=name: counts.__setitem__(name, counts[name] + 1)))
+            count = lambda *_, name=name: counts.__setitem__(name, counts[name] + 1)  # noqa: E731
+            handles.append(m.register_forward_pre_hook(count) if starts else m.register_forward_hook(count))
     try:
         run()
     finally:
