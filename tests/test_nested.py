@@ -153,3 +153,14 @@ def test_planner_nests_only_when_nothing_else_fits():
     assert '"nested"' not in json.dumps(p.plan(flat).policy)  # something without nesting fits: no nesting
     with pytest.raises(ValueError, match="smallest peak reachable"):
         p.plan(nested - 1)
+
+
+@pytest.mark.parametrize("case", ["segresnet3d", "swin2d-v2-instance", "attunet3d", "basicunet3d", "unetpp2d-ds",
+                                  "segresnetds3d-ds"])
+def test_nested_is_exact_on_the_newer_networks(case):
+    """The whole network one nested group, each block an inner run: the same training as the parent (UNet++'s
+    dense skips, SegResNetDS's and UNet++'s deep-supervision heads emitted from inner runs)."""
+    from test_networks_ii import make
+    parent, child, shape = make(case, WHOLE_NESTED)
+    assert any(g.inner for g in child.checkpoint_groups())
+    assert_same_training(parent, child, [torch.randn(*shape) for _ in range(2)])
