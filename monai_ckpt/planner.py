@@ -751,6 +751,10 @@ class _Planner:
         if self._fastest_measured(limit) is None:
             self.progress(f"nothing measured fits {_size(limit)} yet: searching the least-memory policy")
             least, peak = self.smallest(hopeless=limit)
+            if tight and peak <= limit:
+                # something fits, but the model's error at this budget outran three brackets (AttentionUnet at
+                # 128^3: 0.17 GiB): bracket further, the least-memory policy is the fallback
+                self.fastest(limit, tries=8)
         policy = self._fastest_measured(limit)
         if policy is None and peak > limit >= 0.5 * peak:
             # the opt-in nested mode, only now that no policy recomputing each block at most once fits

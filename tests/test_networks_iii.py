@@ -6,7 +6,9 @@ gradient, UNet++'s dense skips as chain steps, the budget policy, BasicUNet's si
 import pytest
 import torch
 
-from monai_ckpt import CheckpointBasicUNet
+from monai.networks.nets import BasicUNet, BasicUNetPlusPlus
+
+from monai_ckpt import CheckpointBasicUNet, CheckpointBasicUNetPlusPlus
 from helpers import assert_same_training, count_conv_calls, loss_of, train_steps
 from test_networks_ii import CASES, make
 
@@ -85,3 +87,31 @@ def test_helpers_train_lists_of_heads():
     _, child, shape = make("segresnetds3d-ds")
     outs = train_steps(child, [torch.randn(*shape)])
     assert outs[0].numel() == sum(o.numel() for o in child(torch.randn(*shape)))
+
+
+@pytest.mark.parametrize("parent_cls, child_cls, concatenations", [
+    # BasicUNet: each UpCat's skip and upsampled input (4 + 4 channels at 16^3 and 8^3, 4 + 8 at 4^3, 8 + 8 at 2^3)
+    (BasicUNet, CheckpointBasicUNet, {(2, 8, 16, 16, 16), (2, 8, 8, 8, 8), (2, 12, 4, 4, 4), (2, 16, 2, 2, 2)}),
+    # UNet++: at the top x_0_0..x_0_{j-1} and the upsampled x_1_{j-1} (4 channels each, j = 2..4), and deeper ones
+    (BasicUNetPlusPlus, CheckpointBasicUNetPlusPlus,
+     {(2, 12, 16, 16, 16), (2, 16, 16, 16, 16), (2, 20, 16, 16, 16), (2, 16, 8, 8, 8), (2, 20, 4, 4, 4)}),
+], ids=["basicunet", "unetpp"])
+def test_the_merge_keeps_its_parts_not_their_concatenation(parent_cls, child_cls, concatenations):
+    """The UpCat's first convolution saves the skips and the upsampled tensor, which the chain keeps anyway, and
+    concatenates them again in backward (as CheckpointUNet's merge): MONAI's parent keeps each concatenation, we
+    keep none, and training stays bit-identical."""
+    kw = dict(spatial_dims=3, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4), norm="batch")
+    x = torch.randn(2, 1, 16, 16, 16)
+
+    def saved_shapes(net):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            net(x)
+        return set(shapes)
+
+    torch.manual_seed(0)
+    parent, child = parent_cls(**kw), child_cls(**kw, checkpoint_policy=["encoder0"])  # the decoders run plainly
+    child.load_state_dict(parent.state_dict())
+    assert concatenations <= saved_shapes(parent)
+    assert not concatenations & saved_shapes(child)
+    assert_same_training(parent, child, [torch.randn(2, 1, 16, 16, 16) for _ in range(2)])

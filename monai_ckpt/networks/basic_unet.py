@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -14,6 +15,7 @@ from ..checkpoint import recomputed_by_cheap
 from ..policies import PolicySpec
 from .base import CheckpointPolicyMixin, InputShapeError
 from .dense import Node, dense_steps
+from .merge import conv_of_concatenation
 
 __all__ = ["CheckpointBasicUNet", "CheckpointBasicUNetPlusPlus"]
 
@@ -21,17 +23,22 @@ __all__ = ["CheckpointBasicUNet", "CheckpointBasicUNetPlusPlus"]
 _LEVELS = 4
 
 
-def _convolution(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A MONAI Convolution (norm, dropout, activation in that order). Without norm and dropout (a dropout of p=0
-    returns its input) its in-place activation overwrites the convolution's output, which a "cheap" checkpoint would
-    keep (torch refuses a kept tensor that changed): there the convolution is recomputed instead."""
+def _convolution(block: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A MONAI Convolution (norm, dropout, activation in that order); of a tuple, the convolution of its
+    concatenation along the channels, which keeps the parts for backward instead (`conv_of_concatenation`).
+    Without norm and dropout (a dropout of p=0 returns its input) its in-place activation overwrites the
+    convolution's output, which a "cheap" checkpoint would keep (torch refuses a kept tensor that changed): there
+    the convolution is recomputed instead."""
     adn = getattr(block, "adn", None)
     parts = adn._modules if adn is not None else {}
-    if "N" in parts or getattr(parts.get("D"), "p", 0) > 0 or not getattr(parts.get("A"), "inplace", False):
+    overwrites = (adn is not None and "N" not in parts and getattr(parts.get("D"), "p", 0) == 0
+                  and getattr(parts.get("A"), "inplace", False))
+    concatenated = not isinstance(x, torch.Tensor)
+    if not concatenated and not overwrites:
         return block(x)
-    with recomputed_by_cheap():
-        x = block.conv(x)
-    return adn(x)
+    with recomputed_by_cheap() if overwrites else contextlib.nullcontext():
+        y = conv_of_concatenation(x, 1, block.conv) if concatenated else block.conv(x)
+    return y if adn is None else adn(y)
 
 
 def _pool_then_conv(down: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +47,9 @@ def _pool_then_conv(down: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _upcat_first(up: nn.Module, x: torch.Tensor, *x_e: torch.Tensor) -> torch.Tensor:
     """UpCat.forward up to its first convolution: upsample, pad to the encoder's size, concatenate, convolve.
-    Several encoder tensors (UNet++) are concatenated first, as BasicUNetPlusPlus.forward does."""
-    skip = x_e[0] if len(x_e) == 1 else torch.cat(list(x_e), dim=1)
+    Several encoder tensors (UNet++) are concatenated with it at once (BasicUNetPlusPlus.forward concatenates them
+    first: the same values), and the convolution keeps the parts, not their concatenation."""
+    skip = x_e[0]
     x_0 = up.upsample(x)
     if up.is_pad:
         # handling spatial shapes due to the 2x maxpooling with odd edge lengths (as UpCat does)
@@ -51,7 +59,7 @@ def _upcat_first(up: nn.Module, x: torch.Tensor, *x_e: torch.Tensor) -> torch.Te
             if skip.shape[-i - 1] != x_0.shape[-i - 1]:
                 sp[i * 2 + 1] = 1
         x_0 = torch.nn.functional.pad(x_0, sp, "replicate")
-    return _convolution(up.convs.conv_0, torch.cat([skip, x_0], dim=1))
+    return _convolution(up.convs.conv_0, (*x_e, x_0))
 
 
 def _encoder(block: nn.Module) -> list[dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
@@ -18,6 +17,7 @@ from ..chain import ChainStep, segment_steps
 from ..checkpoint import recomputed_by_cheap
 from ..policies import PolicySpec
 from .base import CheckpointPolicyMixin
+from .merge import conv_of_concatenation
 
 __all__ = ["CheckpointUNet"]
 
@@ -47,62 +47,12 @@ def _path_blocks(module: nn.Module) -> list[dict]:
     return [dict(fn=module)]
 
 
-class _ConvOfConcatenation(torch.autograd.Function):
-    """``conv(cat([skip, y]))`` that keeps ``skip`` and ``y`` for backward instead of their concatenation, and
-    concatenates them again there for the convolution's backward: the same operators with the same operands as
-    autograd runs for ``cat`` then ``conv`` (bit-identical outputs and gradients), without keeping a tensor the size
-    of both. Where ``skip`` and ``y`` are kept anyway (a checkpoint's inputs, the skip that the encoder's next
-    convolution keeps), the concatenation (at the top level of the benchmark UNet, 512 MiB) is not kept at all.
-    Under autocast the convolution's operands are cast as autocast casts them, in forward and again in backward."""
-
-    @staticmethod
-    def forward(ctx: Any, skip: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                dim: int, conv_args: tuple, conv: nn.Module) -> torch.Tensor:
-        merged = torch.cat([skip, y], dim=dim)
-        device = merged.device.type
-        ctx.cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        ctx.dim, ctx.conv_args, ctx.has_bias, ctx.merged_dtype = dim, conv_args, bias is not None, merged.dtype
-        ctx.save_for_backward(skip, y, weight)
-        return conv(merged)  # the module itself (its hooks run); ``weight`` and ``bias`` are its own
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        skip, y, weight = ctx.saved_tensors
-        merged, bias_sizes = torch.cat([skip, y], dim=ctx.dim), None
-        if ctx.has_bias:
-            bias_sizes = [weight.shape[1] * ctx.conv_args[-1] if ctx.conv_args[3] else weight.shape[0]]
-        w = weight
-        if ctx.cast is not None:
-            merged, w = merged.to(ctx.cast), weight.to(ctx.cast)
-        g_in, g_w, g_b = torch.ops.aten.convolution_backward(grad, merged, w, bias_sizes, *ctx.conv_args,
-                                                             [True, True, ctx.has_bias])
-        del merged
-        g_in = g_in.to(ctx.merged_dtype)
-        g_skip, g_y = g_in.split([skip.shape[ctx.dim], y.shape[ctx.dim]], dim=ctx.dim)
-        return g_skip, g_y, g_w.to(weight.dtype), None if g_b is None else g_b.to(weight.dtype), None, None, None
-
-
-def _conv_args(conv: nn.Module) -> tuple | None:
-    """``aten.convolution``'s arguments after input, weight and bias for a torch conv module that calls it
-    directly (zero padding), else None."""
-    if not isinstance(conv, nn.modules.conv._ConvNd) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return None
-    transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
-    return (conv.stride, conv.padding, conv.dilation, transposed, conv.output_padding if transposed else
-            (0,) * len(conv.stride), conv.groups)
-
-
 def _join(skip_connection: nn.Module, up: nn.Module, y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """``up(SkipConnection(...)(skip))`` given the sub-network output ``y``: the same ops as MONAI's (a
-    concatenation followed by a plain conv module is `_ConvOfConcatenation` while autograd records, outside
-    torch.compile, whose partitioner chooses what to keep itself)."""
-    conv_args = _conv_args(up)
-    if (skip_connection.mode == "cat" and conv_args is not None and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
-        return _ConvOfConcatenation.apply(skip, y, up.weight, up.bias, skip_connection.dim, conv_args, up)
+    concatenation followed by a conv module keeps the parts, not the concatenation: `conv_of_concatenation`)."""
     if skip_connection.mode == "cat":
-        merged = torch.cat([skip, y], dim=skip_connection.dim)
-    elif skip_connection.mode == "add":
+        return conv_of_concatenation([skip, y], skip_connection.dim, up)
+    if skip_connection.mode == "add":
         merged = torch.add(skip, y)
     else:
         merged = torch.mul(skip, y)

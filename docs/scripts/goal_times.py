@@ -1,0 +1,81 @@
+"""docs/benchmarks.md, "The newer networks against the goal": for each network, the peak of one training step at its
+clinical size (estimate: exact live-tensor bytes on fake tensors, Adam, mean(out**2)) and the step time at 64^3
+batch 1 (measured on the CPU, interleaved in one process: the median of 3 runs, each the median of 5 steps after a
+warm-up) of the plain parent, "all", "blocks", "cheap", checkpointing the parent's natural blocks by hand, MONAI's
+own switch where there is one, and the planner's policy for 60% of the plain peak at the clinical size.
+
+    python docs/scripts/goal_times.py [network ...]
+
+Run from the repository root, on an otherwise idle machine (time ratios are CPU time of this process)."""
+import json
+import sys
+
+import torch
+
+from monai_ckpt.benchmark import _factories
+from monai_ckpt.networks.presets import network_factory
+from monai_ckpt.profiling import measure_step_memory, step_time_ratios
+
+# network: (clinical input shape, the planner's policy for 60% of its plain peak there, the command that chose it)
+PLANS = {
+    "segresnet": ((1, 4, 224, 224, 144), [
+        {"names": ["encoder0.2", "encoder1", "encoder2.4", "bottleneck.4", "bottleneck.8", "decoder2.2", "decoder1"]},
+        {"names": [["encoder0.0", "encoder0.1"], ["encoder2.0", "encoder2.1", "encoder2.2", "encoder2.3"],
+                   ["bottleneck.0", "bottleneck.1", "bottleneck.2", "bottleneck.3"],
+                   ["bottleneck.5", "bottleneck.6", "bottleneck.7"], ["decoder2.0", "decoder2.1"],
+                   ["decoder0.0", "decoder0.1"]], "mode": "cheap"}],
+        "python -m monai_ckpt.plan --network segresnet --shape 224 224 144 --in-channels 4 --budget-gb 4.68"),
+    "attentionunet": ((1, 1, 128, 128, 128), [
+        {"names": ["encoder0", "decoder1", ["decoder0.0", "decoder0.1"]]},
+        {"names": ["encoder1", "encoder2", "encoder3", "bottleneck", "decoder3", "decoder2.0",
+                   ["decoder2.2", "decoder2.3"], "decoder0.2"], "mode": "cheap"}],
+        "python -m monai_ckpt.plan --network attentionunet --shape 128 128 128 --budget-gb 1.45"),
+    "swinunetr": ((1, 1, 128, 128, 128), [
+        {"names": ["encoder1", "encoder2.0", "encoder3.0", "encoder4.0", "bottleneck", "decoder4", "decoder2", "skip1",
+                   "decoder1", "skip0"]},
+        {"names": ["skip3", "decoder3", "skip2"], "mode": "cheap"}],
+        "python -m monai_ckpt.plan --network swinunetr --shape 128 128 128 --budget-gb 8.16"),
+    "basicunet": ((2, 1, 128, 128, 128), [
+        {"names": ["encoder0", "decoder0.0"]},
+        {"names": ["encoder1", "encoder2.1", "encoder3", "bottleneck.0", "decoder3", "decoder2", "decoder1"],
+         "mode": "cheap"}],
+        "python -m monai_ckpt.plan --network basicunet --shape 128 128 128 --batch 2 --budget-gb 5.24"),
+    "basicunetplusplus": ((2, 1, 128, 128, 128), [
+        {"names": ["encoder0", "decoder0_1", "bottleneck.1", "decoder3_1.1"]},
+        {"names": ["encoder1.1", "encoder2", "decoder1_1", "decoder0_2", "encoder3", "decoder2_1", "decoder1_2",
+                   "decoder0_3", "bottleneck.0", "decoder3_1.0", "decoder2_2", "decoder1_3"], "mode": "cheap"}],
+        "python -m monai_ckpt.plan --network basicunetplusplus --shape 128 128 128 --batch 2 --budget-gb 15.0"),
+    "segresnetds": ((2, 1, 128, 128, 128), [
+        "encoder0", "encoder1", "encoder2", "encoder3", "bottleneck", "decoder3", "head3", "decoder2", "head2",
+        "decoder1.0", "decoder1.1", "decoder1.2", "head1", "decoder0.0", "decoder0.1", "decoder0.2", "head0"],
+        "python -m monai_ckpt.plan --network segresnetds --shape 128 128 128 --batch 2 --budget-gb 6.25"),
+}
+TIME_SHAPE = (64, 64, 64)
+
+
+def rows(network):
+    shape, planned, _ = PLANS[network]
+    in_channels = shape[1]
+    named = _factories(network, 3, in_channels, ["all", "blocks", "cheap"], with_monai=True)
+    return named + [("the planner's policy for 60%", network_factory(network, 3, in_channels, planned))]
+
+
+def measure(network, runs=3, steps=5):
+    shape, planned, command = PLANS[network]
+    named = rows(network)
+    peaks = [measure_step_memory(f, shape, estimate=True).peak for _, f in named]
+    times = [step_time_ratios([f for _, f in named], (1, shape[1], *TIME_SHAPE), steps=steps, warmup=1)[1]
+             for _ in range(runs)]
+    print(f"\n{network}: peak at {shape} (estimate), time at {(1, shape[1], *TIME_SHAPE)} (median of {runs} runs)")
+    print(f"plan: {command}\n  {json.dumps(planned)}")
+    print("| policy | peak MiB | vs plain | time x (range) |\n|---|---:|---:|---:|")
+    for i, (name, _) in enumerate(named):
+        ratios = sorted(t[i] for t in times)
+        print(f"| {name} | {peaks[i] / 2**20:.0f} | {100 * peaks[i] / peaks[0]:.1f}% | "
+              f"{ratios[len(ratios) // 2]:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    for network in sys.argv[1:] or list(PLANS):
+        measure(network)
