@@ -150,3 +150,12 @@ def conv_kernels(run) -> list[int]:
     with ConvKernels():
         run()
     return calls
+
+
+def saved_tensor_shapes(net: nn.Module, x: torch.Tensor) -> set[tuple[int, ...]]:
+    """The shapes of every tensor autograd saves for backward in ``net(x)`` (checkpoints save through hooks of their
+    own: what they keep inside is not seen, their inputs are)."""
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        net(x)
+    return set(shapes)

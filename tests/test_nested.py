@@ -8,7 +8,7 @@ from monai.networks.nets import DynUNet, UNet, VNet
 from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet
 from monai_ckpt.policies import CheckpointGroup, resolve_policy, validate_policy
 from monai_ckpt.profiling import measure_step_memory
-from helpers import assert_same_training, count_conv_calls, make_pair
+from helpers import assert_same_training, count_conv_calls, make_pair, saved_tensor_shapes
 
 CFG = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2,
            norm="batch", dropout=0.2)
@@ -108,18 +108,12 @@ def test_the_merge_keeps_its_parts_not_their_concatenation():
     cfg = dict(CFG, norm="instance", dropout=0.0)
     x = torch.randn(2, 1, 16, 16, 16)
 
-    def saved_shapes(net):
-        shapes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
-            net(x)
-        return set(shapes)
-
     torch.manual_seed(0)
     parent, child = UNet(**cfg), CheckpointUNet(**cfg, checkpoint_policy=["encoder0"])  # the decoders run plainly
     child.load_state_dict(parent.state_dict())
     concatenations = {(2, 8 + 16, 4, 4, 4), (2, 4 + 4, 8, 8, 8)}  # level 1: skip + bottleneck; level 0: skip + up
-    assert concatenations <= saved_shapes(parent)
-    assert not concatenations & saved_shapes(child)
+    assert concatenations <= saved_tensor_shapes(parent, x)
+    assert not concatenations & saved_tensor_shapes(child, x)
     for policy in (["encoder0"], MIXED):
         child.checkpoint_policy = policy
         for net in (parent, child):
