@@ -1,14 +1,15 @@
 """What only CheckpointBasicUNet, CheckpointBasicUNetPlusPlus and CheckpointSegResNetDS have to show beyond the shared
 contract checks of test_networks_ii.py (whose cases they are): every deep-supervision head gets the parent's
-gradient, UNet++'s dense skips as chain steps, the budget policy, BasicUNet's size rule, estimate mode.
+gradient, UNet++'s dense skips as chain steps, the budget policy, BasicUNet's size rule, estimate mode, and the
+merge that keeps its parts (BasicUNet, UNet++, AttentionUnet).
 """
 
 import pytest
 import torch
 
-from monai.networks.nets import BasicUNet, BasicUNetPlusPlus
+from monai.networks.nets import AttentionUnet, BasicUNet, BasicUNetPlusPlus
 
-from monai_ckpt import CheckpointBasicUNet, CheckpointBasicUNetPlusPlus
+from monai_ckpt import CheckpointAttentionUnet, CheckpointBasicUNet, CheckpointBasicUNetPlusPlus
 from helpers import assert_same_training, count_conv_calls, loss_of, saved_tensor_shapes, train_steps
 from test_networks_ii import CASES, make
 
@@ -89,18 +90,24 @@ def test_helpers_train_lists_of_heads():
     assert outs[0].numel() == sum(o.numel() for o in child(torch.randn(*shape)))
 
 
-@pytest.mark.parametrize("parent_cls, child_cls, concatenations", [
+_BU = dict(spatial_dims=3, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4), norm="batch")
+
+
+@pytest.mark.parametrize("parent_cls, child_cls, kw, concatenations", [
     # BasicUNet: each UpCat's skip and upsampled input (4 + 4 channels at 16^3 and 8^3, 4 + 8 at 4^3, 8 + 8 at 2^3)
-    (BasicUNet, CheckpointBasicUNet, {(2, 8, 16, 16, 16), (2, 8, 8, 8, 8), (2, 12, 4, 4, 4), (2, 16, 2, 2, 2)}),
+    (BasicUNet, CheckpointBasicUNet, _BU, {(2, 8, 16, 16, 16), (2, 8, 8, 8, 8), (2, 12, 4, 4, 4), (2, 16, 2, 2, 2)}),
     # UNet++: at the top x_0_0..x_0_{j-1} and the upsampled x_1_{j-1} (4 channels each, j = 2..4), and deeper ones
-    (BasicUNetPlusPlus, CheckpointBasicUNetPlusPlus,
+    (BasicUNetPlusPlus, CheckpointBasicUNetPlusPlus, _BU,
      {(2, 12, 16, 16, 16), (2, 16, 16, 16, 16), (2, 20, 16, 16, 16), (2, 16, 8, 8, 8), (2, 20, 4, 4, 4)}),
-], ids=["basicunet", "unetpp"])
-def test_the_merge_keeps_its_parts_not_their_concatenation(parent_cls, child_cls, concatenations):
-    """The UpCat's first convolution saves the skips and the upsampled tensor, which the chain keeps anyway, and
+    # AttentionUnet: the gated skip and the up-convolved tensor (4 + 4 channels at 16^3, 8 + 8 at 8^3)
+    (AttentionUnet, CheckpointAttentionUnet,
+     dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2)),
+     {(2, 8, 16, 16, 16), (2, 16, 8, 8, 8)}),
+], ids=["basicunet", "unetpp", "attentionunet"])
+def test_the_merge_keeps_its_parts_not_their_concatenation(parent_cls, child_cls, kw, concatenations):
+    """The merge's convolution saves the skip(s) and the upsampled tensor, which the chain keeps anyway, and
     concatenates them again in backward (as CheckpointUNet's merge): MONAI's parent keeps each concatenation, we
     keep none, and training stays bit-identical."""
-    kw = dict(spatial_dims=3, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4), norm="batch")
     x = torch.randn(2, 1, 16, 16, 16)
 
     torch.manual_seed(0)

@@ -209,6 +209,15 @@ def test_capacity_search_finds_the_boundary():
         + " | " + "x".join([str(row["plain_amp"])] * 3) + " | " + "x".join([str(row["checkpointed_amp"])] * 3) + " |")
 
 
+def test_plan_stays_callable_after_the_cli_module_is_imported():
+    """`import monai_ckpt.plan` (the CLI) rebinds the package's `plan` to the module: it still plans, as the function."""
+    import monai_ckpt
+    import monai_ckpt.plan  # noqa: F401 - the import is the point
+
+    net = CheckpointUNet(**UNET)
+    assert monai_ckpt.plan(net, (32, 32, 32), 1.0) == planner.plan(net, (32, 32, 32), 1.0)
+
+
 def test_cli(capsys, tmp_path, monkeypatch):
     import monai_ckpt.plan
     from monai_ckpt.plan import main

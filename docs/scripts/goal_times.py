@@ -26,9 +26,10 @@ PLANS = {
                    ["decoder0.0", "decoder0.1"]], "mode": "cheap"}],
         "python -m monai_ckpt.plan --network segresnet --shape 224 224 144 --in-channels 4 --budget-gb 4.68"),
     "attentionunet": ((1, 1, 128, 128, 128), [
-        {"names": ["encoder0", "decoder1", ["decoder0.0", "decoder0.1"]]},
-        {"names": ["encoder1", "encoder2", "encoder3", "bottleneck", "decoder3", "decoder2.0",
-                   ["decoder2.2", "decoder2.3"], "decoder0.2"], "mode": "cheap"}],
+        {"names": ["encoder0", ["decoder3.0", "decoder3.1"], ["decoder2.0", "decoder2.1"], "decoder1",
+                   ["decoder0.0", "decoder0.1"]]},
+        {"names": ["encoder1", "encoder2", "encoder3", "bottleneck", ["decoder3.2", "decoder3.3"],
+                   ["decoder2.2", "decoder2.3"]], "mode": "cheap"}],
         "python -m monai_ckpt.plan --network attentionunet --shape 128 128 128 --budget-gb 1.45"),
     "swinunetr": ((1, 1, 128, 128, 128), [
         {"names": ["encoder1", "encoder2.0", "encoder3.0", "encoder4.0", "bottleneck", "decoder4", "decoder2", "skip1",

@@ -14,6 +14,7 @@ from torch import nn
 from ..chain import ChainStep, segment_steps
 from ..policies import PolicySpec
 from .base import CheckpointPolicyMixin
+from .merge import conv_of_concatenation
 
 __all__ = ["CheckpointAttentionUnet"]
 
@@ -29,8 +30,9 @@ def _gate(layer: nn.Module, fromlower: torch.Tensor, skip: torch.Tensor) -> tupl
 
 
 def _merge_conv(layer: nn.Module, fromlower: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
-    """The merge's concatenation and convolution (``layer.merge`` is a monai Convolution: conv, then ADN)."""
-    return layer.merge.conv(torch.cat((att, fromlower), dim=1))
+    """The merge's concatenation and convolution (``layer.merge`` is a monai Convolution: conv, then ADN), keeping
+    the gated skip and the up-convolved tensor rather than their concatenation."""
+    return conv_of_concatenation((att, fromlower), 1, layer.merge.conv)
 
 
 def _decoder_blocks(layer: nn.Module) -> list[dict]:
