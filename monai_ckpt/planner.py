@@ -48,6 +48,7 @@ from .profiling import (
     device_clock,
     loss_memory,
     make_optimizer,
+    mean_square,
     measure_step_memory,
     training_step,
 )
@@ -157,10 +158,6 @@ class _Step:
         return (id(self.user_loss), self.label)
 
 
-def _mean_square(out: Any, label: Any) -> torch.Tensor:
-    return (out[0] if isinstance(out, (list, tuple)) else out).float().square().mean()
-
-
 def _parameter_device(network: nn.Module) -> torch.device:
     return next((p.device for p in network.parameters()), torch.device("cpu"))
 
@@ -202,7 +199,7 @@ def _make_step(network: nn.Module, input_shape: tuple[int, ...], amp: bool, loss
     dims = len(input_shape) - 2
     first = out[0] if isinstance(out, (list, tuple)) else out
     if loss is None:
-        memory = loss_memory(_mean_square, tuple(first.shape), LabelBatch((1,)), spatial_dims=dims,
+        memory = loss_memory(mean_square, tuple(first.shape), LabelBatch((1,)), spatial_dims=dims,
                              out_dtype=first.dtype, amp=amp)
         return _Step(None, None, None, memory, "mean(out**2) (the default: give loss= for your own)")
     if not callable(loss):
@@ -639,6 +636,7 @@ class _Planner:
         self._smallest: tuple[PolicySpec, int] | None = None
         self._smallest_nested_found: tuple[PolicySpec, int] | None = None
         self._smallest_nested_done = False
+        self._nested_search: tuple[list, list] = ([], [])  # outer groups and other units where the search stopped
 
     @property
     def profile(self) -> _Profile:
@@ -681,14 +679,11 @@ class _Planner:
         """The model's step time with ``policy`` as a ratio to the plain step; a nested group's inner runs add
         their recomputation once more."""
         p = self.profile
-        extra = sum(sum(p.recompute_s["full"][i] for i in run) - p.tail_s["full"][run[-1]]
-                    for g in resolve_policy(policy, self.network.checkpoint_segments())
-                    for run in ([self._index[n] for n in names] for names in g.inner))
-        return 1.0 + _option(p, self._units(policy), self.grads_after).time + extra
-
-    @property
-    def _index(self) -> dict[str, int]:
-        return {c.block: i for i, c in enumerate(self.profile.costs)}
+        groups = resolve_policy(policy, self.network.checkpoint_segments())
+        index = {c.block: i for i, c in enumerate(p.costs)}
+        extra = sum(sum(p.recompute_s["full"][index[n]] for n in run) - p.tail_s["full"][index[run[-1]]]
+                    for g in groups for run in g.inner)
+        return 1.0 + _option(p, _units_of(p, groups), self.grads_after).time + extra
 
     def fastest(self, budget: int, tries: int = 5) -> tuple[PolicySpec, list[str]] | None:
         """The dynamic program's fastest choice whose measured peak fits ``budget``: the model's limit starts
@@ -847,20 +842,19 @@ class _Planner:
         self._smallest = (policy, peak)
         return self._smallest
 
-
     def _smallest_nested(self, stop_at: int | None, measurements: int) -> tuple[PolicySpec, int]:
-        if self._smallest_nested_found is not None and (stop_at is None or self._smallest_nested_found[1] <= stop_at
-                                                        or self._smallest_nested_done):
-            return self._smallest_nested_found
-        policy, peak = self._smallest_nested_found or self.smallest()
+        found = self._smallest_nested_found
+        if found is not None and (stop_at is None or found[1] <= stop_at or self._smallest_nested_done):
+            return found
         p = self.profile
-        units = self._units(policy) if self._smallest_nested_found is None else self._nested_units
-        outer = [(blocks,) for blocks, mode in units if mode == "full"]
-        if self._smallest_nested_found is not None:
-            outer = self._nested_outer
-        others = [u for u in units if u[1] != "full"]
-        done = True
-        spent = 0
+        if found is None:  # start from the least policy without nesting: its full groups are the outer groups
+            policy, peak = self.smallest()
+            units = self._units(policy)
+            outer = [(blocks,) for blocks, mode in units if mode == "full"]
+            others = [u for u in units if u[1] != "full"]
+        else:  # go on where the last search stopped (its budget of measurements spent)
+            (policy, peak), (outer, others) = found, self._nested_search
+        done, spent = True, 0
         while stop_at is None or peak > stop_at:
             improved = False
             for move in _nesting_moves(p, outer):
@@ -873,12 +867,13 @@ class _Planner:
                     continue
                 spent += 1
                 self.progress(f"nested least-memory search: {_size(peak)} so far, measuring a move")
-                if self.peak(spec) < peak:
-                    peak, policy, outer, improved = self.peak(spec), spec, move, True
+                measured = self.peak(spec)
+                if measured < peak:
+                    peak, policy, outer, improved = measured, spec, move, True
                     break
             if not improved:
                 break
-        self._nested_outer, self._nested_units = outer, others + [(r[0], "full") for r in outer if len(r) == 1]
+        self._nested_search = (outer, others)
         self._smallest_nested_found, self._smallest_nested_done = (policy, peak), done
         return policy, peak
 

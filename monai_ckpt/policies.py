@@ -322,26 +322,25 @@ def _nested_groups(names: Sequence, segments: Sequence[Segment]) -> list[Checkpo
     """The groups of ``{"names": names, "mode": "nested"}`` (names in the canonical form of
     `_validate_nested_names`)."""
     by_segment = {s.name: s.blocks for s in segments}
+
+    def blocks_of(members: Sequence[str]) -> tuple[str, ...]:
+        return tuple(b for n in members for b in by_segment.get(n, (n,)))
+
     outer: list = []
     runs_of: list[list[tuple[str, ...]]] = []
     for entry in names:
-        if isinstance(entry, str):
+        if isinstance(entry, str):  # a segment nested: each of its blocks an inner run
             outer.append(entry)
-            runs_of.append([(b,) for b in by_segment.get(entry, (entry,))])
+            runs_of.append([(b,) for b in blocks_of([entry])])
             continue
-        flat, runs = [], []
-        for item in entry:
-            plain = isinstance(item, dict)
-            members = item["plain"] if plain else [item] if isinstance(item, str) else item
-            flat += members
-            if not plain:
-                runs.append(tuple(b for n in members for b in by_segment.get(n, (n,))))
-        outer.append(flat)
-        runs_of.append(runs)
+        members = [item["plain"] if isinstance(item, dict) else [item] if isinstance(item, str) else item
+                   for item in entry]
+        outer.append([n for m in members for n in m])
+        runs_of.append([blocks_of(m) for item, m in zip(entry, members) if not isinstance(item, dict)])
     order = [g.names for g in _named_groups(outer, segments, "full")]  # checks names, order and overlaps
     nested = []
     for entry, runs in zip(outer, runs_of):
-        blocks = tuple(b for n in ([entry] if isinstance(entry, str) else entry) for b in by_segment.get(n, (n,)))
+        blocks = blocks_of([entry] if isinstance(entry, str) else entry)
         if len(runs) == 1 and runs[0] == blocks and len(blocks) > 1:
             raise ValueError(f"checkpoint_policy nested group {entry!r} has one inner run that is the whole group: "
                              "nesting it recomputes the same blocks twice for nothing; give two or more inner runs, "

@@ -49,6 +49,7 @@ __all__ = [
     "block_costs",
     "loss_memory",
     "make_optimizer",
+    "mean_square",
     "measure_step_memory",
     "memory_timeline",
     "peak_tensors",
@@ -114,6 +115,14 @@ class LabelBatch:
         return torch.zeros(self.shape, dtype=self.dtype, device=device)
 
 
+def mean_square(out: torch.Tensor | Sequence[torch.Tensor], label: Any = None) -> torch.Tensor:
+    """The default loss of a measured step: ``mean(out**2)``, summed over the outputs of a list (deep supervision
+    heads: every head is trained). ``label`` is ignored."""
+    if isinstance(out, (list, tuple)):
+        return sum(o.float().square().mean() for o in out)
+    return out.float().square().mean()
+
+
 def training_step(
     model: nn.Module,
     x: torch.Tensor,
@@ -133,13 +142,7 @@ def training_step(
     dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16 if x.device.type == "cpu" else torch.float16
     with torch.autocast(x.device.type, dtype=dtype, enabled=bool(amp)):
         out = model(x)
-        if loss is None:
-            if isinstance(out, (list, tuple)):  # deep supervision heads as a list: every head is trained
-                value = sum(o.float().square().mean() for o in out)
-            else:
-                value = out.float().square().mean()
-        else:
-            value = loss(out, label).mean()
+        value = mean_square(out) if loss is None else loss(out, label).mean()
     if on_phase is not None:
         on_phase("backward")
     value.backward()

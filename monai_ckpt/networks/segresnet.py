@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 from monai.networks.nets import SegResNet
@@ -16,20 +17,24 @@ from .base import CheckpointPolicyMixin
 __all__ = ["CheckpointSegResNet"]
 
 
-def _res_first(b: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return b.conv1(b.act(b.norm1(x))), x  # the input is carried to the residual add
+def _res_first(norm: nn.Module, act: nn.Module, conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv(act(norm(x))), x  # the input is carried to the residual add
 
 
-def _res_second(b: nn.Module, x: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+def _res_second(norm: nn.Module, act: nn.Module, conv: nn.Module, x: torch.Tensor,
+                identity: torch.Tensor) -> torch.Tensor:
     # out of place (the parent adds in place): a "cheap" checkpoint keeps the conv output, which must not change
-    return b.conv2(b.act(b.norm2(x))) + identity
+    return conv(act(norm(x))) + identity
 
 
-def _res_blocks(layer: nn.Sequential) -> list[dict]:
-    """The ResBlocks of a SegResNet layer, each as two blocks (norm, activation, conv), exactly its op order."""
+def _res_blocks(layer: Iterable[nn.Module], acts: tuple[str, str] = ("act", "act")) -> list[dict]:
+    """The residual blocks of a layer (SegResNet's ResBlock; SegResNetDS's SegResBlock, whose activations are
+    ``act1``/``act2``), each as two blocks (norm, activation, conv), exactly its op order."""
     out = []
     for b in layer:
-        out += [dict(fn=functools.partial(_res_first, b), extra=1), dict(fn=functools.partial(_res_second, b), pops=1)]
+        first, second = (getattr(b, a) for a in acts)
+        out += [dict(fn=functools.partial(_res_first, b.norm1, first, b.conv1), extra=1),
+                dict(fn=functools.partial(_res_second, b.norm2, second, b.conv2), pops=1)]
     return out
 
 

@@ -14,25 +14,14 @@ from torch import nn
 from ..chain import ChainStep, run_chain, segment_steps
 from ..policies import PolicySpec
 from .base import CheckpointPolicyMixin
+from .segresnet import _merge, _res_blocks
 
 __all__ = ["CheckpointSegResNetDS"]
 
 
-def _res_first(b: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return b.conv1(b.act1(b.norm1(x))), x  # the input is carried to the residual add
-
-
-def _res_second(b: nn.Module, x: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
-    # out of place (the parent adds in place): a "cheap" checkpoint keeps the conv output, which must not change
-    return b.conv2(b.act2(b.norm2(x))) + identity
-
-
-def _res_blocks(layer: nn.Module) -> list[dict]:
-    """The SegResBlocks of a level, each as two blocks (norm, activation, conv), exactly its op order."""
-    out = []
-    for b in layer if isinstance(layer, nn.Sequential) else ():
-        out += [dict(fn=functools.partial(_res_first, b), extra=1), dict(fn=functools.partial(_res_second, b), pops=1)]
-    return out
+def _segres_blocks(layer: nn.Module) -> list[dict]:
+    """A level's SegResBlocks (an Identity where the level has none) as `segresnet._res_blocks`."""
+    return _res_blocks(layer if isinstance(layer, nn.Sequential) else (), ("act1", "act2"))
 
 
 def _stem(net: SegResNetDS, x: torch.Tensor) -> torch.Tensor:
@@ -42,10 +31,6 @@ def _stem(net: SegResNetDS, x: torch.Tensor) -> torch.Tensor:
     if not net.is_valid_shape(x):
         raise ValueError(f"Input spatial dims {x.shape} must be divisible by {net.shape_factor()}")
     return net.encoder.conv_init(x)
-
-
-def _merge(up: Callable, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    return up(x) + skip
 
 
 def _flat_merge(up: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +97,7 @@ class CheckpointSegResNetDS(CheckpointPolicyMixin, SegResNetDS):
         steps = []
         for i, level in enumerate(layers):
             first = [dict(fn=functools.partial(_stem, self))] if i == 0 else [dict(fn=layers[i - 1]["downsample"])]
-            blocks = first + _res_blocks(level["blocks"])
+            blocks = first + _segres_blocks(level["blocks"])
             if i < n - 1:
                 blocks[-1]["push"] = True
                 steps += segment_steps(f"encoder{i}", i, "encoder", *blocks)
@@ -123,7 +108,7 @@ class CheckpointSegResNetDS(CheckpointPolicyMixin, SegResNetDS):
             merge = (dict(fn=functools.partial(_merge, level["upsample"]), pops=1) if n > 1
                      else dict(fn=functools.partial(_flat_merge, level["upsample"])))
             steps += segment_steps(f"decoder{max(lvl, 0)}", max(lvl, 0), "decoder",
-                                   merge, *_res_blocks(level["blocks"]))
+                                   merge, *_segres_blocks(level["blocks"]))
             if self._has_head(j) and j < len(self.up_layers) - 1:
                 steps += segment_steps(f"head{lvl}", lvl, "head", dict(fn=level["head"], emit=True))
         steps += segment_steps("head0", 0, "head", dict(fn=self.up_layers[-1]["head"]))
