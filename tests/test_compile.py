@@ -37,6 +37,9 @@ CASES = {
     "dynunet-runs": (DynUNet, CheckpointDynUNet, DYNUNET, [["encoder0", "encoder1"], "bottleneck.1",
                      {"names": ["decoder1.0"], "mode": "cheap"}, "decoder0"], (2, 1, 8, 8, 8), _FAST),
     "dynunet-ds-blocks": (DynUNet, CheckpointDynUNet, DYNUNET_DS, "blocks", (2, 1, 8, 8, 8), _FAST),
+    # the opt-in nested mode: checkpoints inside a checkpoint's function trace into the same graph
+    "unet-nested": (UNet, CheckpointUNet, UNET, {"names": [["encoder0", "bottleneck", ["decoder0.0", "decoder0.1"],
+                                                            "decoder0.2"]], "mode": "nested"}, (2, 1, 8, 8, 8), _FAST),
 }
 ATOL, RTOL = 1e-4, 1e-3  # compiled kernels sum in another order; after 2 SGD steps (lr 0.1) differences stay ~1e-5
 
