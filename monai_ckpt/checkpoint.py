@@ -57,14 +57,21 @@ _KEEP_IN_CHEAP = {
 }
 
 
-_cheap_state = threading.local()
+class _CheapState(threading.local):
+    def __init__(self) -> None:
+        # set in each thread's own dict (threading.local runs __init__ per thread): torch.compile traces a missing
+        # attribute as an exception, and one read from the class as a guard that setting it breaks
+        self.recompute = False
+
+
+_cheap_state = _CheapState()
 
 
 @contextlib.contextmanager
 def recomputed_by_cheap() -> Any:
     """Operators run inside are recomputed by a ``"cheap"`` checkpoint even if it keeps their kind: for outputs
     that backward never needs (a residual branch's convolution, whose output only meets an addition)."""
-    before = getattr(_cheap_state, "recompute", False)
+    before = _cheap_state.recompute
     _cheap_state.recompute = True
     try:
         yield
@@ -74,7 +81,7 @@ def recomputed_by_cheap() -> Any:
 
 def cheap_keeps(op: Any) -> bool:
     """Whether a ``"cheap"`` checkpoint keeps the output of ``op`` (rather than recomputing it) here."""
-    return op in _KEEP_IN_CHEAP and not getattr(_cheap_state, "recompute", False)
+    return op in _KEEP_IN_CHEAP and not _cheap_state.recompute
 
 
 def _cheap_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:

@@ -157,3 +157,37 @@ def test_a_bad_training_input_under_compile_is_our_error():
     with pytest.raises(InputShapeError, match=r"cannot take spatial size \(8, 8, 6\).*pad to \(8, 8, 8\)") as err:
         torch.compile(net, backend="aot_eager")(torch.randn(2, 1, 8, 8, 6))
     assert isinstance(err.value, RuntimeError)
+
+
+_COMPILED_FIRST = """
+import torch
+from monai.networks.nets import BasicUNet, UNet
+from monai_ckpt import CheckpointBasicUNet, CheckpointUNet
+
+for parent_cls, child_cls, kw, shape in [
+    (UNet, CheckpointUNet, dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2),
+                                num_res_units=2), (2, 1, 16, 16, 16)),
+    (BasicUNet, CheckpointBasicUNet, dict(spatial_dims=3, in_channels=1, out_channels=2,
+                                          features=(4, 4, 8, 8, 16, 4)), (2, 1, 32, 32, 32)),
+]:
+    torch.manual_seed(0)
+    parent, child = parent_cls(**kw).train(), child_cls(**kw, checkpoint_policy="cheap").train()
+    child.load_state_dict(parent.state_dict())
+    x = torch.randn(*shape)
+    compiled = torch.compile(child, backend="aot_eager", fullgraph=True)(x)  # before anything runs eagerly
+    compiled.square().mean().backward()
+    parent(x).square().mean().backward()
+    assert all(torch.equal(p.grad, c.grad) for p, c in zip(parent.parameters(), child.parameters()))
+print("compiled first: ok")
+"""
+
+
+def test_cheap_compiles_with_fullgraph_in_a_fresh_process():
+    """The blocks that "cheap" reruns although they are convolutions (a residual branch, BasicUNet's upsamplings and
+    1-channel convolution) are marked through a thread-local flag; compiled before anything had run eagerly in the
+    process, reading that flag was an exception to Dynamo (fullgraph: an error; otherwise a graph break)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _COMPILED_FIRST], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "compiled first: ok" in proc.stdout, proc.stderr[-3000:]

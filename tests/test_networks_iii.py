@@ -1,13 +1,14 @@
 """What only CheckpointBasicUNet, CheckpointBasicUNetPlusPlus and CheckpointSegResNetDS have to show beyond the shared
 contract checks of test_networks_ii.py (whose cases they are): every deep-supervision head gets the parent's
-gradient, UNet++'s dense skips as chain steps, the budget policy, BasicUNet's size rule, estimate mode, and the
-merge that keeps its parts (BasicUNet, UNet++, AttentionUnet).
+gradient, UNet++'s dense skips as chain steps, the budget policy, BasicUNet's size rule, estimate mode, the
+merge that keeps its parts (BasicUNet, UNet++, AttentionUnet), and what "cheap" reruns and copies with MONAI's defaults.
 """
 
 import pytest
 import torch
 
 from monai.networks.nets import AttentionUnet, BasicUNet, BasicUNetPlusPlus
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from monai_ckpt import CheckpointAttentionUnet, CheckpointBasicUNet, CheckpointBasicUNetPlusPlus
 from helpers import assert_same_training, count_conv_calls, loss_of, saved_tensor_shapes, train_steps
@@ -116,3 +117,46 @@ def test_the_merge_keeps_its_parts_not_their_concatenation(parent_cls, child_cls
     assert concatenations <= saved_tensor_shapes(parent, x)
     assert not concatenations & saved_tensor_shapes(child, x)
     assert_same_training(parent, child, [torch.randn(2, 1, 16, 16, 16) for _ in range(2)])
+
+
+class _BackwardOps(TorchDispatchMode):
+    """The aten operators run while active: their names, and each convolution kernel's (weight shape, transposed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names, self.convolutions = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        if func is torch.ops.aten.convolution.default:
+            self.convolutions.append((tuple(args[1].shape), bool(args[6])))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("parent_cls, child_cls", [(BasicUNet, CheckpointBasicUNet),
+                                                   (BasicUNetPlusPlus, CheckpointBasicUNetPlusPlus)])
+def test_basicunet_defaults_cheap_reruns_the_thin_convolution_and_the_upsamplings_and_copies_nothing(parent_cls,
+                                                                                                    child_cls):
+    """MONAI's defaults (instance norm, in-place leaky ReLU, transposed-convolution upsampling, even sizes). The
+    parent's backward takes each activation through its instance norm's view (CopySlices: new_empty_strided and
+    clone, two tensors the size of the activation); ours takes none. A "cheap" checkpoint keeps the 3x3x3
+    convolutions' outputs and reruns, in backward, only the first convolution (1 channel in, 4 out) and the
+    upsamplings (kernel = stride); UpCat's padding by nothing is no copy. Training stays bit-identical."""
+    kw = dict(spatial_dims=3, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4))
+    x = torch.randn(2, 1, 32, 32, 32)
+    torch.manual_seed(0)
+    parent = parent_cls(**kw).train()
+    child = child_cls(**kw, checkpoint_policy="cheap").train()
+    assert_same_training(parent, child, [torch.randn(2, 1, 32, 32, 32) for _ in range(2)])
+    ops = {}
+    for name, net in (("parent", parent), ("cheap", child)):
+        loss = loss_of(net(x))
+        with _BackwardOps() as ops[name]:
+            loss.backward()
+    assert ops["parent"].names.count("aten.new_empty_strided.default") > 0 and not ops["parent"].convolutions
+    assert "aten.new_empty_strided.default" not in ops["cheap"].names
+    assert "aten.replication_pad3d.default" not in ops["cheap"].names
+    rerun = ops["cheap"].convolutions
+    assert ((4, 1, 3, 3, 3), False) in rerun and all(transposed or w == (4, 1, 3, 3, 3) for w, transposed in rerun)
+    assert sum(transposed for _, transposed in rerun) == sum("upcat" in n and n.endswith("deconv")
+                                                             for n, _ in parent.named_modules())

@@ -37,14 +37,15 @@ PLANS = {
         {"names": ["skip3", "decoder3", "skip2"], "mode": "cheap"}],
         "python -m monai_ckpt.plan --network swinunetr --shape 128 128 128 --budget-gb 8.16"),
     "basicunet": ((2, 1, 128, 128, 128), [
-        {"names": ["encoder0", "decoder0.0"]},
-        {"names": ["encoder1", "encoder2.1", "encoder3", "bottleneck.0", "decoder3", "decoder2", "decoder1"],
+        {"names": ["bottleneck.0"]},
+        {"names": ["encoder0", "encoder1", "encoder2", "encoder3", "bottleneck.1", "decoder3", "decoder2", "decoder1.1"],
          "mode": "cheap"}],
         "python -m monai_ckpt.plan --network basicunet --shape 128 128 128 --batch 2 --budget-gb 5.24"),
     "basicunetplusplus": ((2, 1, 128, 128, 128), [
-        {"names": ["encoder0", "decoder0_1", "bottleneck.1", "decoder3_1.1"]},
-        {"names": ["encoder1.1", "encoder2", "decoder1_1", "decoder0_2", "encoder3", "decoder2_1", "decoder1_2",
-                   "decoder0_3", "bottleneck.0", "decoder3_1.0", "decoder2_2", "decoder1_3"], "mode": "cheap"}],
+        {"names": ["encoder3.0", "bottleneck"]},
+        {"names": ["encoder0", "encoder1.1", "decoder0_1", "encoder2", "decoder1_1", "decoder0_2", "encoder3.1",
+                   "decoder2_1", "decoder1_2.1", "decoder0_3", "decoder3_1", "decoder2_2", "decoder1_3.1"],
+         "mode": "cheap"}],
         "python -m monai_ckpt.plan --network basicunetplusplus --shape 128 128 128 --batch 2 --budget-gb 15.0"),
     "segresnetds": ((2, 1, 128, 128, 128), [
         "encoder0", "encoder1", "encoder2", "encoder3", "bottleneck", "decoder3", "head3", "decoder2", "head2",

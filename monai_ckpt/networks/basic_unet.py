@@ -23,22 +23,42 @@ __all__ = ["CheckpointBasicUNet", "CheckpointBasicUNetPlusPlus"]
 _LEVELS = 4
 
 
+# A convolution that reads at most a quarter as many channels as it writes (the first one, from the image's
+# modalities) costs at most a quarter of a same-width one to rerun: "cheap" recomputes it rather than keep its output.
+_THIN = 4
+
+
 def _convolution(block: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """A MONAI Convolution (norm, dropout, activation in that order); of a tuple, the convolution of its
     concatenation along the channels, which keeps the parts for backward instead (`conv_of_concatenation`).
     Without norm and dropout (a dropout of p=0 returns its input) its in-place activation overwrites the
-    convolution's output, which a "cheap" checkpoint would keep (torch refuses a kept tensor that changed): there
-    the convolution is recomputed instead."""
+    convolution's output, which a "cheap" checkpoint would keep (torch refuses a kept tensor that changed): there,
+    and for a convolution from a few channels, the convolution is recomputed instead."""
     adn = getattr(block, "adn", None)
     parts = adn._modules if adn is not None else {}
     overwrites = (adn is not None and "N" not in parts and getattr(parts.get("D"), "p", 0) == 0
                   and getattr(parts.get("A"), "inplace", False))
     concatenated = not isinstance(x, torch.Tensor)
-    if not concatenated and not overwrites:
-        return block(x)
-    with recomputed_by_cheap() if overwrites else contextlib.nullcontext():
+    thin = not concatenated and block.conv.in_channels * _THIN <= block.conv.out_channels
+    with recomputed_by_cheap() if overwrites or thin else contextlib.nullcontext():
         y = conv_of_concatenation(x, 1, block.conv) if concatenated else block.conv(x)
-    return y if adn is None else adn(y)
+    return y if adn is None else _adn(adn, y)
+
+
+def _adn(adn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """MONAI's ADN (its modules in its order). Instance norm returns a reshaped view of batch norm's output, and
+    an in-place activation on a view makes autograd take the activation's backward through the view's base
+    (CopySlices: two more tensors of that size at once, at the top level of the network its peak). The
+    activation runs in place on the base instead and the result is viewed back: the same values and gradients."""
+    compiling = torch.compiler.is_compiling()  # compiled, autograd runs no CopySlices
+    for name, module in adn.named_children():
+        base = None if compiling else y._base
+        if (name == "A" and getattr(module, "inplace", False) and base is not None and base.numel() == y.numel()
+                and y.is_contiguous() and base.is_contiguous()):
+            y = module(base).view(y.shape)  # an elementwise activation: the base's shape is as good
+        else:
+            y = module(y)
+    return y
 
 
 def _pool_then_conv(down: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +70,10 @@ def _upcat_first(up: nn.Module, x: torch.Tensor, *x_e: torch.Tensor) -> torch.Te
     Several encoder tensors (UNet++) are concatenated with it at once (BasicUNetPlusPlus.forward concatenates them
     first: the same values), and the convolution keeps the parts, not their concatenation."""
     skip = x_e[0]
-    x_0 = up.upsample(x)
+    # a transposed convolution with kernel = stride reads each input once per output (64 multiply-adds an output
+    # at the top level, a 27th of a 3x3x3 convolution's): "cheap" reruns it rather than keep its output
+    with recomputed_by_cheap() if hasattr(up.upsample, "deconv") else contextlib.nullcontext():
+        x_0 = up.upsample(x)
     if up.is_pad:
         # handling spatial shapes due to the 2x maxpooling with odd edge lengths (as UpCat does)
         dimensions = len(x.shape) - 2
@@ -58,7 +81,8 @@ def _upcat_first(up: nn.Module, x: torch.Tensor, *x_e: torch.Tensor) -> torch.Te
         for i in range(dimensions):
             if skip.shape[-i - 1] != x_0.shape[-i - 1]:
                 sp[i * 2 + 1] = 1
-        x_0 = torch.nn.functional.pad(x_0, sp, "replicate")
+        if any(sp):  # UpCat pads by nothing too: a copy of the same values
+            x_0 = torch.nn.functional.pad(x_0, sp, "replicate")
     return _convolution(up.convs.conv_0, (*x_e, x_0))
 
 
