@@ -1,8 +1,10 @@
 """DistributedDataParallel with 2 CPU processes (gloo): the checkpointed model trains exactly like the plain one."""
 
+import gc
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -38,6 +40,14 @@ RUNS = {
 }
 
 
+def _release() -> None:
+    """End a worker's process group once its DDP modules are gone. A DDP module released after the group was
+    destroyed takes the group's last reference, and its destructor joins gloo's threads with the GIL held while one
+    of them may still need the GIL to free its last work (seen once: the worker hung for good)."""
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -55,9 +65,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                     opt.step()
                     opt.zero_grad()
                 results[(run, name)] = {k: v.clone() for k, v in net.module.state_dict().items()}
+                del net, opt  # see _release
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _release()
 
 
 def _pair(plain_cls, ckpt_cls, cfg, policy):
@@ -72,6 +83,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.timeout(300)
 def test_ddp_two_cpu_processes(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
@@ -110,10 +122,12 @@ def _budget_worker(rank: int, world: int, port: int, out_dir: str, budget_gb: fl
         p = net.module.checkpoint_plan
         torch.save({"policy": p.policy, "loss": p.loss, "label_shape": p.label_shape, "peak": p.predicted_peak_bytes},
                    os.path.join(out_dir, f"plan{rank}.pt"))
+        del net  # see _release
     finally:
-        dist.destroy_process_group()
+        _release()
 
 
+@pytest.mark.timeout(300)  # a hung worker fails the test instead of stalling the suite
 def test_ddp_budget_policy_plans_on_rank0_with_the_engines_loss(tmp_path):
     """Rank 0 plans with the user's DiceCE loss and label batch; every rank runs that plan, and it fits."""
     from monai.losses import DiceCELoss
