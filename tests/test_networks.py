@@ -53,8 +53,13 @@ def test_same_state_dict_keys_and_parameter_names(case):
     plain.load_state_dict(child.state_dict(), strict=True)
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=str)
-@pytest.mark.parametrize("case", CASES)
+# VNet's constructor has no width: in 3D its 45M parameters make each case seconds; its chain is VNet 2D's, which
+# runs every policy
+_VNET3D_POLICIES = ("none", "all", "blocks", "cheap", "offload")
+
+
+@pytest.mark.parametrize("case, policy", [pytest.param(c, p, id=f"{c}-{p}") for c in CASES for p in POLICIES
+                                          if c != "vnet3d" or p in _VNET3D_POLICIES])
 def test_training_parity_is_exact(case, policy):
     """Outputs, gradients, weights and norm buffers after 3 SGD steps with dropout: bit-identical."""
     parent, child, shape = make(case, policy)
