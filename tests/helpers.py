@@ -136,20 +136,28 @@ def count_conv_calls(model: nn.Module, run, starts: bool = False) -> dict[str, i
     return counts
 
 
+class AtenCalls(TorchDispatchMode):
+    """While active: the name of every aten operator called (``names``) and, of each convolution kernel, its
+    weight's shape and whether it is transposed (``convolutions``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+        self.convolutions: list[tuple[tuple[int, ...], bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        if func is torch.ops.aten.convolution.default:
+            self.convolutions.append((tuple(args[1].shape), bool(args[6])))
+        return func(*args, **(kwargs or {}))
+
+
 def conv_kernels(run) -> list[int]:
     """The output channels of every convolution kernel (aten, not module) call while ``run()`` executes: a
     selective checkpoint reruns the modules but not the kernels whose outputs it kept."""
-
-    class ConvKernels(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.convolution.default:
-                calls.append(args[1].shape[0])
-            return func(*args, **(kwargs or {}))
-
-    calls: list[int] = []
-    with ConvKernels():
+    with AtenCalls() as calls:
         run()
-    return calls
+    return [weight[0] for weight, _ in calls.convolutions]
 
 
 def saved_tensor_shapes(net: nn.Module, x: torch.Tensor) -> set[tuple[int, ...]]:

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from monai.networks.nets import AttentionUnet, BasicUNet, BasicUNetPlusPlus
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from monai_ckpt import CheckpointAttentionUnet, CheckpointBasicUNet, CheckpointBasicUNetPlusPlus
-from helpers import assert_same_training, count_conv_calls, loss_of, saved_tensor_shapes, train_steps
+from helpers import AtenCalls, assert_same_training, count_conv_calls, loss_of, saved_tensor_shapes, train_steps
 from test_networks_ii import CASES, make
 
 
@@ -119,20 +118,6 @@ def test_the_merge_keeps_its_parts_not_their_concatenation(parent_cls, child_cls
     assert_same_training(parent, child, [torch.randn(2, 1, 16, 16, 16) for _ in range(2)])
 
 
-class _BackwardOps(TorchDispatchMode):
-    """The aten operators run while active: their names, and each convolution kernel's (weight shape, transposed)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names, self.convolutions = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        if func is torch.ops.aten.convolution.default:
-            self.convolutions.append((tuple(args[1].shape), bool(args[6])))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("parent_cls, child_cls", [(BasicUNet, CheckpointBasicUNet),
                                                    (BasicUNetPlusPlus, CheckpointBasicUNetPlusPlus)])
 def test_basicunet_defaults_cheap_reruns_the_thin_convolution_and_the_upsamplings_and_copies_nothing(parent_cls,
@@ -151,7 +136,7 @@ def test_basicunet_defaults_cheap_reruns_the_thin_convolution_and_the_upsampling
     ops = {}
     for name, net in (("parent", parent), ("cheap", child)):
         loss = loss_of(net(x))
-        with _BackwardOps() as ops[name]:
+        with AtenCalls() as ops[name]:
             loss.backward()
     assert ops["parent"].names.count("aten.new_empty_strided.default") > 0 and not ops["parent"].convolutions
     assert "aten.new_empty_strided.default" not in ops["cheap"].names
