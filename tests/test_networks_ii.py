@@ -21,7 +21,7 @@ from torch import nn
 
 from monai_ckpt import (
     CheckpointAttentionUnet, CheckpointBasicUNet, CheckpointBasicUNetPlusPlus, CheckpointSegResNet,
-    CheckpointSegResNetDS, CheckpointSwinUNETR,
+    CheckpointSegResNetDS, CheckpointSwinUNETR, InputShapeError,
 )
 from helpers import (
     assert_plain_forward_outside_training, assert_same_training, assert_same_under_autocast,
@@ -356,3 +356,44 @@ def test_estimate_mode_builds_swin_outside_fake_mode():
     ours = measure_step_memory(lambda: CheckpointSwinUNETR(**kw, checkpoint_policy="all"), (1, 2, 64, 64, 64),
                                estimate=True)
     assert 0 < ours.peak < 0.8 * plain.peak
+
+
+_SINGLE_VOXEL = {
+    # the parent fails halfway through the forward with torch's message; ours says which norm and what trains
+    "swinunetr-instance": (SwinUNETR, CheckpointSwinUNETR, _swin(norm_name="instance", drop_rate=0.0,
+                                                                 attn_drop_rate=0.0, dropout_path_rate=0.0),
+                           (1, 2, 32, 32, 32), "instance norm"),
+    "basicunet-instance": (BasicUNet, CheckpointBasicUNet, _bu(), (2, 2, 16, 16, 16), "instance norm"),
+    "attunet-batch-of-one": (AttentionUnet, CheckpointAttentionUnet,
+                             dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2)),
+                             (1, 1, 4, 4, 4), "batch norm with a batch of 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(_SINGLE_VOXEL), ids=list(_SINGLE_VOXEL))
+def test_a_single_voxel_deepest_level_is_refused_with_a_size_that_trains(case):
+    """A size the strides allow but whose deepest level is one voxel: instance norm there (or batch norm at batch
+    1) cannot normalise it in training. The parent raises torch's "Expected more than 1 ..." partway through; ours
+    raises an InputShapeError (a ValueError too) before the forward that names the norm and a size that trains,
+    and that size trains in both."""
+    parent_cls, child_cls, kw, shape, norm = _SINGLE_VOXEL[case]
+    parent, child = parent_cls(**kw).train(), child_cls(**kw).train()
+    with pytest.raises(ValueError, match="Expected more than 1"):
+        parent(torch.randn(shape))
+    with pytest.raises(InputShapeError, match=f"deepest level is a single voxel .* and {norm} cannot") as refused:
+        child(torch.randn(shape))
+    suggested = tuple(int(s) for s in re.search(r"such as \(([\d, ]+)\)", str(refused.value)).group(1).split(","))
+    assert suggested != shape[2:]
+    for net in (parent, child):
+        loss_of(net(torch.randn(*shape[:2], *suggested))).backward()
+
+
+@pytest.mark.parametrize("parent_cls, child_cls, kw, shape", [
+    (AttentionUnet, CheckpointAttentionUnet,  # batch norm with a batch of 2: two values per channel
+     dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2)), (2, 1, 4, 4, 4)),
+    (SegResNet, CheckpointSegResNet, _seg(), (1, 2, 4, 4, 4)),  # group norm normalises over the group's channels
+], ids=["attunet-batch-of-two", "segresnet-group-norm"])
+def test_a_single_voxel_deepest_level_that_trains_in_the_parent_trains_in_ours(parent_cls, child_cls, kw, shape):
+    x = torch.randn(shape)
+    parent, child = make_pair(parent_cls, child_cls, kw, "all")
+    assert_same_training(parent, child, [x, x])

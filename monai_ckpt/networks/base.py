@@ -5,6 +5,9 @@ execution order) by implementing ``_chain_steps()``; `CheckpointPolicyMixin` res
 blocks and runs the chain with them while training.
 """
 
+import functools
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,6 +48,11 @@ class CheckpointPolicyMixin:
                 return False
         return True
 
+    def _deepest_sizes(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        """The spatial size of the deepest level for an input of spatial size ``sizes`` that `_accepts` takes:
+        each size over `size_multiple`, rounded up; networks whose down-sampling rounds otherwise refine this."""
+        return tuple([-(-s // m) for s, m in zip(sizes, self.size_multiple())])
+
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
         """In training, raise an `InputShapeError` that says what is wrong and what would be right when the
@@ -60,12 +68,61 @@ class CheckpointPolicyMixin:
         sizes = tuple(x.shape[2:])
         if not self._accepts(sizes):
             sizes = tuple([int(s) for s in sizes])
-            fixed = tuple([max(m, -(-s // m) * m) for s, m in zip(sizes, multiple)])
+            padded = tuple([max(m, -(-s // m) * m) for s, m in zip(sizes, multiple)])
             raise InputShapeError(
                 f"{type(self).__name__} cannot take spatial size {sizes}: each spatial size must be a multiple of "
-                f"{tuple(multiple)} (the product of its strides), e.g. pad to {fixed} "
+                f"{tuple(multiple)} (the product of its strides), e.g. pad to "
+                f"{self._trainable_size(padded, int(x.shape[0])) or padded} "
                 "(monai.transforms.DivisiblePad or a sliding-window roi_size of such a size)."
             )
+        if math.prod(self._deepest_sizes(sizes)) == 1:
+            self._check_single_voxel(x)
+
+    @torch.jit.unused
+    def _single_voxel_norm(self, batch: int) -> str | None:
+        """Which norm of the deepest level (the ``bottleneck`` segments) cannot train on a single voxel at this
+        batch size: instance norm (one value per sample and channel), batch norm with a batch of 1, or none."""
+        deepest = [m for step in self._chain_steps() if step.segment.kind == "bottleneck" for m in _modules_of(step.fn)]
+        kinds = {type(m) for module in deepest for m in module.modules()}
+        if any(issubclass(k, nn.modules.instancenorm._InstanceNorm) for k in kinds):
+            return "instance norm"
+        if batch == 1 and any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in kinds):
+            return "batch norm with a batch of 1"
+        return None
+
+    @torch.jit.unused
+    def _trainable_size(self, sizes: tuple[int, ...], batch: int) -> tuple[int, ...] | None:
+        """The first of ``sizes``, ``sizes`` with one spatial size doubled, and the same padded to multiples of
+        `size_multiple`, that the parent takes and trains on at this batch size (the deepest level's norms need two
+        voxels or more); None if none."""
+        padded = tuple([max(m, -(-s // m) * m) for s, m in zip(sizes, self.size_multiple())])
+        candidates = [c for base in (sizes, padded)
+                      for c in [base] + [base[:d] + (2 * base[d],) + base[d + 1:] for d in range(len(base))]]
+        for candidate in candidates:
+            if self._accepts(candidate) and (math.prod(self._deepest_sizes(candidate)) > 1
+                                             or self._single_voxel_norm(batch) is None):
+                return candidate
+        return None
+
+    @torch.jit.unused
+    def _check_single_voxel(self, x: torch.Tensor) -> None:
+        """The deepest level of ``x`` is one voxel: raise, where a norm there cannot train on it, what torch would
+        raise halfway through the forward, saying which inputs train instead."""
+        sizes, batch = tuple([int(s) for s in x.shape[2:]]), int(x.shape[0])
+        norm = self._single_voxel_norm(batch)
+        if norm is None:
+            return
+        larger = self._trainable_size(sizes, batch)
+        instead = "a larger spatial size" if larger is None else (
+            f"a spatial size whose deepest level has two voxels or more, such as {larger}")
+        if norm.startswith("batch"):
+            instead = f"a batch of 2 or more, or {instead}"
+        raise InputShapeError(
+            f"{type(self).__name__} cannot train on spatial size {sizes}: its deepest level is a single voxel "
+            f"({'x'.join(['1'] * len(sizes))} after down-sampling by {tuple(self.size_multiple())}), and {norm} cannot "
+            f"normalise a single value per channel in training. Use {instead} (monai.transforms.SpatialPad, or a "
+            "larger patch or sliding-window roi_size)."
+        )
 
     def checkpoint_segments(self) -> list[Segment]:
         """The ordered segments a policy chooses from (name, level, kind, parts), in execution order."""
@@ -139,6 +196,17 @@ class CheckpointPolicyMixin:
     @torch.jit.unused
     def _checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_chain(self._chain_steps(), self._checkpoint_groups, x)[0]
+
+
+def _modules_of(fn: Callable[..., Any]) -> list[nn.Module]:
+    """The modules a chain step's function runs: the function itself, or those bound into it (by
+    ``functools.partial``, nested or not, or as a method's owner)."""
+    if isinstance(fn, nn.Module):
+        return [fn]
+    if isinstance(fn, functools.partial):
+        return [m for part in (fn.func, *fn.args, *fn.keywords.values()) for m in _modules_of(part)]
+    owner = getattr(fn, "__self__", None)
+    return [owner] if isinstance(owner, nn.Module) else []
 
 
 def _plan_key(x: torch.Tensor) -> tuple:

@@ -19,7 +19,8 @@ from .merge import conv_of_concatenation
 
 __all__ = ["CheckpointBasicUNet", "CheckpointBasicUNetPlusPlus"]
 
-# four 2x max-poolings: every spatial size must be at least 16 (any size from there on works, padded in UpCat)
+# four 2x max-poolings: every spatial size must be at least 16 (any size from there on runs, padded in UpCat; with
+# instance norm, training needs a deepest level of two voxels or more)
 _LEVELS = 4
 
 
@@ -105,6 +106,9 @@ class _BasicUNetCheck(CheckpointPolicyMixin):
     def _accepts(self, sizes: tuple[int, ...]) -> bool:
         return True  # every size of at least 16; `_check_input` says so for smaller ones
 
+    def _deepest_sizes(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple([s // 2**_LEVELS for s in sizes])  # max-pooling rounds down
+
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
         """As the base check (rank, channels), and each spatial size at least 16: below, the fourth
@@ -113,11 +117,12 @@ class _BasicUNetCheck(CheckpointPolicyMixin):
         if not self.training or all(int(s) >= 2**_LEVELS for s in x.shape[2:]):  # type: ignore[attr-defined]
             return
         sizes = tuple([int(s) for s in x.shape[2:]])
-        fixed = tuple([max(s, 2**_LEVELS) for s in sizes])
+        padded = tuple([max(s, 2**_LEVELS) for s in sizes])
         raise InputShapeError(
             f"{type(self).__name__} cannot take spatial size {sizes}: each spatial size must be at least "
             f"{2**_LEVELS} (four 2x max-poolings; any larger size works, multiples of {2**_LEVELS} need no padding), "
-            f"e.g. pad to {fixed} (monai.transforms.SpatialPad or DivisiblePad)."
+            f"e.g. pad to {self._trainable_size(padded, int(x.shape[0])) or padded} (monai.transforms.SpatialPad or "
+            "DivisiblePad)."
         )
 
 

@@ -139,16 +139,22 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
         steps += segment_steps("head0", 0, "head", dict(fn=self.output_block))
         return steps
 
+    def _level_sizes(self, n: int, d: int) -> list[int]:
+        """Spatial size ``n`` along dimension ``d`` at each level, the input first: each strided conv gives
+        floor((n + 2p - k) / s) + 1."""
+        levels = [n]
+        for k, s in zip(self.kernel_size, self.strides):
+            k, s = ensure_tuple_rep(k, self.spatial_dims)[d], ensure_tuple_rep(s, self.spatial_dims)[d]
+            p = (k - s + 1) // 2  # MONAI's get_padding, without numpy (Dynamo traces it)
+            levels.append((levels[-1] + 2 * p - k) // s + 1)
+        return levels
+
     def _accepts(self, sizes: tuple[int, ...]) -> bool:
-        """Whether the parent can run this spatial size: each strided conv gives floor((n + 2p - k) / s) + 1,
-        each transposed conv s times its input, and every skip merge must line up."""
-        kernels = [ensure_tuple_rep(k, self.spatial_dims) for k in self.kernel_size]
+        """Whether the parent can run this spatial size: each transposed conv gives s times its input, and every
+        skip merge must line up."""
         strides = [ensure_tuple_rep(s, self.spatial_dims) for s in self.strides]
         for d, n in enumerate(sizes):
-            levels = [n]
-            for k, s in zip(kernels, strides):
-                p = (k[d] - s[d] + 1) // 2  # MONAI's get_padding, without numpy (Dynamo traces it)
-                levels.append((levels[-1] + 2 * p - k[d]) // s[d] + 1)
+            levels = self._level_sizes(n, d)
             if min(levels) < 1:
                 return False
             # the up block of level i upsamples level i+2 by strides[i+1] and merges level i+1
@@ -156,6 +162,9 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
                 if levels[i + 2] * strides[i + 1][d] != levels[i + 1]:
                     return False
         return True
+
+    def _deepest_sizes(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple([self._level_sizes(n, d)[-1] for d, n in enumerate(sizes)])
 
     def size_multiple(self) -> tuple[int, ...]:
         """What each spatial input size should be a multiple of (the product of the strides)."""
