@@ -9,7 +9,7 @@ from monai.networks.nets import DynUNet, UNet, VNet
 
 from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet, InputShapeError
 from helpers import (
-    assert_plain_forward_outside_training, assert_same_training, assert_same_under_autocast,
+    AtenCalls, assert_plain_forward_outside_training, assert_same_training, assert_same_under_autocast,
     assert_scripts_like_parent, count_conv_calls, loss_of, make_pair,
 )
 
@@ -242,3 +242,22 @@ def test_constructor_errors_match_parent(parent_cls, child_cls, bad):
     with pytest.raises(ValueError) as got:
         child_cls(**kw)
     assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("res", [False, True], ids=["basic-blocks", "residual-blocks"])
+def test_dynunet_instance_norm_in_place_steps_copy_nothing(res):
+    """With instance norm (a view of batch norm's output) the parent's in-place leaky ReLU, and a residual block's
+    ``out += residual``, take their backward through the view's base (CopySlices: new_empty_strided and a clone,
+    two tensors of the activation's size); ours run on the base and copy nothing, and training stays bit-identical."""
+    kw = _dyn(res=res, norm="instance")
+    x = torch.randn(2, 2, 32, 32, 32)  # 16^3 would leave the deepest level one voxel
+    for policy in ("all", "cheap"):
+        parent, child = make_pair(DynUNet, CheckpointDynUNet, kw, policy)
+        assert_same_training(parent, child, [torch.randn(2, 2, 32, 32, 32) for _ in range(2)])
+        ops = {}
+        for name, net in (("parent", parent), ("child", child)):
+            loss = loss_of(net(x))
+            with AtenCalls() as ops[name]:
+                loss.backward()
+        assert ops["parent"].names.count("aten.new_empty_strided.default") >= 2 * (2 + res)
+        assert "aten.new_empty_strided.default" not in ops["child"].names

@@ -397,3 +397,24 @@ def test_a_single_voxel_deepest_level_that_trains_in_the_parent_trains_in_ours(p
     x = torch.randn(shape)
     parent, child = make_pair(parent_cls, child_cls, kw, "all")
     assert_same_training(parent, child, [x, x])
+
+
+@pytest.mark.parametrize("parent_cls, child_cls, kw, shape", [
+    (SegResNet, CheckpointSegResNet, _seg(norm="instance"), (2, 2, 8, 8, 8)),
+    (SwinUNETR, CheckpointSwinUNETR, _swin(norm_name="instance"), (2, 2, 64, 32, 32)),
+], ids=["segresnet-instance", "swinunetr-instance"])
+def test_in_place_activations_after_instance_norm_copy_nothing(parent_cls, child_cls, kw, shape):
+    """SegResNet's in-place ReLU, and the in-place LeakyReLU of SwinUNETR's CNN blocks (DynUNet's blocks), after
+    instance norm (a view of batch norm's output): the parent's backward goes through the view's base (CopySlices:
+    new_empty_strided and a clone); ours runs them on the base and copies nothing. Training stays bit-identical."""
+    from helpers import AtenCalls
+
+    parent, child = make_pair(parent_cls, child_cls, kw, "cheap")
+    assert_same_training(parent, child, [torch.randn(shape) for _ in range(2)])
+    ops = {}
+    for name, net in (("parent", parent), ("child", child)):
+        loss = loss_of(net(torch.randn(shape)))
+        with AtenCalls() as ops[name]:
+            loss.backward()
+    assert "aten.new_empty_strided.default" in ops["parent"].names
+    assert "aten.new_empty_strided.default" not in ops["child"].names

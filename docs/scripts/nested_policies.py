@@ -2,7 +2,7 @@
 
     python docs/scripts/nested_policies.py unet     # benchmark UNet 256^3 b2: fp32, bf16, DiceCE (fake tensors)
     python docs/scripts/nested_policies.py time     # its step time at 96^3 b1 on the CPU (interleaved, median of 7)
-    python docs/scripts/nested_policies.py others   # VNet(3, 1, 2) 128^3 b1 and the DynUNet preset 192^3 b2
+    python docs/scripts/nested_policies.py others [vnet|dynunet]   # VNet(3, 1, 2) 128^3 b1, the DynUNet preset 192^3 b2
     python docs/scripts/nested_policies.py search [amp]   # the local search that found the nested UNet policies
 
 Peaks are exact live-tensor bytes (MemTracker on fake tensors), Adam, as % of the fp32 plain peak. Run from the
@@ -82,6 +82,8 @@ def time(repeats=3):
 
 def others():
     for network, shape in [("vnet", (1, 1, 128, 128, 128)), ("dynunet", (2, 1, 192, 192, 192))]:
+        if sys.argv[2:] and network not in sys.argv[2:]:
+            continue
         net = network_factory(network, 3, 1, "none")()
         pl = _planner(net, shape, False, "adam", None, "index", torch.device("cpu"), timing=False,
                       progress=lambda m: print("  ", m, file=sys.stderr))

@@ -15,6 +15,7 @@ from ..checkpoint import recomputed_by_cheap
 from ..policies import PolicySpec
 from .base import CheckpointPolicyMixin, InputShapeError
 from .dense import Node, dense_steps
+from .inplace import adn as activate_adn
 from .merge import conv_of_concatenation
 
 __all__ = ["CheckpointBasicUNet", "CheckpointBasicUNetPlusPlus"]
@@ -43,23 +44,7 @@ def _convolution(block: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...]) -
     thin = not concatenated and block.conv.in_channels * _THIN <= block.conv.out_channels
     with recomputed_by_cheap() if overwrites or thin else contextlib.nullcontext():
         y = conv_of_concatenation(x, 1, block.conv) if concatenated else block.conv(x)
-    return y if adn is None else _adn(adn, y)
-
-
-def _adn(adn: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """MONAI's ADN (its modules in its order). Instance norm returns a reshaped view of batch norm's output, and
-    an in-place activation on a view makes autograd take the activation's backward through the view's base
-    (CopySlices: two more tensors of that size at once, at the top level of the network its peak). The
-    activation runs in place on the base instead and the result is viewed back: the same values and gradients."""
-    compiling = torch.compiler.is_compiling()  # compiled, autograd runs no CopySlices
-    for name, module in adn.named_children():
-        base = None if compiling else y._base
-        if (name == "A" and getattr(module, "inplace", False) and base is not None and base.numel() == y.numel()
-                and y.is_contiguous() and base.is_contiguous()):
-            y = module(base).view(y.shape)  # an elementwise activation: the base's shape is as good
-        else:
-            y = module(y)
-    return y
+    return y if adn is None else activate_adn(adn, y)
 
 
 def _pool_then_conv(down: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -16,20 +16,21 @@ from torch.nn.functional import interpolate
 from ..chain import ChainStep, run_chain, segment_steps
 from ..policies import PolicySpec
 from .base import CheckpointPolicyMixin
+from .inplace import activate
 
 __all__ = ["CheckpointDynUNet"]
 
 
 def _basic_first(b: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return b.lrelu(b.norm1(b.conv1(x)))
+    return activate(b.lrelu, b.norm1(b.conv1(x)))
 
 
 def _basic_second(b: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return b.lrelu(b.norm2(b.conv2(x)))
+    return activate(b.lrelu, b.norm2(b.conv2(x)))
 
 
 def _res_first(b: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return b.lrelu(b.norm1(b.conv1(x))), x  # the input is carried to the residual add
+    return activate(b.lrelu, b.norm1(b.conv1(x))), x  # the input is carried to the residual add
 
 
 def _res_second(b: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -38,8 +39,17 @@ def _res_second(b: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.
         residual = b.conv3(residual)
     if hasattr(b, "norm3"):
         residual = b.norm3(residual)
-    out += residual
-    return b.lrelu(out)
+    return activate(b.lrelu, out, residual)  # out += residual; lrelu(out)
+
+
+def conv_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)``; a UnetBasicBlock or UnetResBlock through the functions above (its operators, in its order,
+    the in-place ones on instance norm's base)."""
+    if isinstance(block, UnetResBlock):
+        return _res_second(block, *_res_first(block, x))
+    if isinstance(block, UnetBasicBlock):
+        return _basic_second(block, _basic_first(block, x))
+    return block(x)
 
 
 def _merge_then(up: nn.Module, first: Callable, x: torch.Tensor, skip: torch.Tensor):  # noqa: ANN202

@@ -13,18 +13,19 @@ from torch import nn
 from ..chain import ChainStep, segment_steps
 from ..policies import PolicySpec
 from .base import CheckpointPolicyMixin
+from .inplace import activate
 
 __all__ = ["CheckpointSegResNet"]
 
 
 def _res_first(norm: nn.Module, act: nn.Module, conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return conv(act(norm(x))), x  # the input is carried to the residual add
+    return conv(activate(act, norm(x))), x  # the input is carried to the residual add
 
 
 def _res_second(norm: nn.Module, act: nn.Module, conv: nn.Module, x: torch.Tensor,
                 identity: torch.Tensor) -> torch.Tensor:
     # out of place (the parent adds in place): a "cheap" checkpoint keeps the conv output, which must not change
-    return conv(act(norm(x))) + identity
+    return conv(activate(act, norm(x))) + identity
 
 
 def _res_blocks(layer: Iterable[nn.Module], acts: tuple[str, str] = ("act", "act")) -> list[dict]:
@@ -41,6 +42,11 @@ def _res_blocks(layer: Iterable[nn.Module], acts: tuple[str, str] = ("act", "act
 def _stem(net: SegResNet, x: torch.Tensor) -> torch.Tensor:
     x = net.convInit(x)
     return net.dropout(x) if net.dropout_prob is not None else x
+
+
+def _final(final: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    norm, act, conv = final  # SegResNet._make_final_conv
+    return conv(activate(act, norm(x)))
 
 
 def _merge(up: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -115,7 +121,7 @@ class CheckpointSegResNet(CheckpointPolicyMixin, SegResNet):
             blocks = [dict(fn=functools.partial(_merge, up), pops=1)] + _res_blocks(layer)
             steps += segment_steps(f"decoder{level}", level, "decoder", *blocks)
         if self.use_conv_final:
-            steps += segment_steps("head0", 0, "head", dict(fn=self.conv_final))
+            steps += segment_steps("head0", 0, "head", dict(fn=functools.partial(_final, self.conv_final)))
         return steps
 
     def size_multiple(self) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from torch.nn import LayerNorm
 from ..chain import ChainStep, run_chain, segment_steps
 from ..policies import PolicySpec
 from .base import CheckpointPolicyMixin
-from .dynunet import _conv_blocks, _up_blocks
+from .dynunet import _conv_blocks, _up_blocks, conv_block_forward
 
 rearrange, _ = optional_import("einops", name="rearrange")
 
@@ -114,7 +114,7 @@ def _stage_blocks(swin: nn.Module, i: int, normalize: bool, name: str, inside: f
 def _skip_encoder(encoder: nn.Module, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A skip's CNN encoder on the hidden state on top of the stack, while the decoder's running tensor waits. One
     block: its halves as two would keep the tensor between them from here to its backward, across the decoder's."""
-    return x, encoder(hidden)
+    return x, conv_block_forward(encoder.layer, hidden)  # UnetrBasicBlock.forward
 
 
 class CheckpointSwinUNETR(CheckpointPolicyMixin, SwinUNETR):

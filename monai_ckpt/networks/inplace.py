@@ -1,0 +1,51 @@
+"""In-place operations on instance norm's output without autograd's CopySlices copies.
+
+Instance norm returns batch norm's output reshaped: a view. An in-place operation on a view (MONAI's in-place
+activations, ``out += residual`` in a residual block) makes autograd take its backward through the view's base
+(CopySlices: a new tensor of the base's size and a clone of it, two more tensors of that size alive at once; at the
+top level of a network, its peak). Running the operation on the base and viewing the result back gives the same
+values and gradients without them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["activate", "adn", "viewed_base"]
+
+
+def viewed_base(y: torch.Tensor) -> torch.Tensor | None:
+    """``y``'s base where ``y`` views all of it, both contiguous (instance norm's output), else None. Under
+    torch.compile, None: compiled, autograd runs no CopySlices."""
+    if torch.compiler.is_compiling():
+        return None
+    base = y._base
+    if base is None or base.numel() != y.numel() or not (y.is_contiguous() and base.is_contiguous()):
+        return None
+    return base
+
+
+def activate(act: nn.Module, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``y += residual`` (when given), then ``act(y)``, as MONAI's blocks write them; the in-place steps run on
+    ``y``'s base where ``y`` is a view of all of it (an in-place activation is elementwise: the base's shape is as
+    good as ``y``'s)."""
+    base = viewed_base(y)
+    if base is None:
+        if residual is not None:
+            y += residual
+        return act(y)
+    if residual is not None:
+        base += residual.reshape(base.shape)
+    if getattr(act, "inplace", False):
+        return act(base).view(y.shape)
+    return act(base.view(y.shape))
+
+
+def adn(block: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """MONAI's ADN block (its modules, in its order) on ``y``, an in-place activation on ``y``'s base where ``y``
+    is a view of all of it."""
+    for name, module in block.named_children():
+        base = viewed_base(y) if name == "A" and getattr(module, "inplace", False) else None
+        y = module(y) if base is None else module(base).view(y.shape)
+    return y
