@@ -152,6 +152,14 @@ class AtenCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def backward_calls(net: nn.Module, x: torch.Tensor) -> AtenCalls:
+    """The aten calls of the backward of one training step of ``net`` on ``x`` (the forward not recorded)."""
+    loss = loss_of(net(x))
+    with AtenCalls() as calls:
+        loss.backward()
+    return calls
+
+
 def conv_kernels(run) -> list[int]:
     """The output channels of every convolution kernel (aten, not module) call while ``run()`` executes: a
     selective checkpoint reruns the modules but not the kernels whose outputs it kept."""
