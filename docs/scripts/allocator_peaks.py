@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from monai_ckpt.networks.presets import network_factory
-from monai_ckpt.profiling import _steady_state, measure_step_memory, training_step
+from monai_ckpt.profiling import _nbytes, _steady_state, _storages, measure_step_memory, training_step
 
 
 class _PassThrough(TorchDispatchMode):
@@ -31,10 +31,8 @@ class _PassThrough(TorchDispatchMode):
 
 
 def _resident(model, opt, x):
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in [*model.parameters(), *model.buffers(), x,
-                          *(v for state in opt.state.values() for v in state.values() if torch.is_tensor(v))]}
-    return sum(storages.values())
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return _nbytes(_storages(*model.parameters(), *model.buffers(), x, *state))
 
 
 def profiled_step(factory, shape, under_a_mode=False):

@@ -68,11 +68,11 @@ class CheckpointPolicyMixin:
         sizes = tuple(x.shape[2:])
         if not self._accepts(sizes):
             sizes = tuple([int(s) for s in sizes])
-            padded = tuple([max(m, -(-s // m) * m) for s, m in zip(sizes, multiple)])
+            padded = self._padded(sizes)
             raise InputShapeError(
                 f"{type(self).__name__} cannot take spatial size {sizes}: each spatial size must be a multiple of "
                 f"{tuple(multiple)} (the product of its strides), e.g. pad to "
-                f"{self._trainable_size(padded, int(x.shape[0])) or padded} "
+                f"{self._trainable_size(padded, self._single_voxel_norm(int(x.shape[0]))) or padded} "
                 "(monai.transforms.DivisiblePad or a sliding-window roi_size of such a size)."
             )
         if math.prod(self._deepest_sizes(sizes)) == 1:
@@ -90,17 +90,20 @@ class CheckpointPolicyMixin:
             return "batch norm with a batch of 1"
         return None
 
+    def _padded(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        """Each spatial size padded up to a multiple of `size_multiple` (at least one multiple)."""
+        return tuple([max(m, -(-s // m) * m) for s, m in zip(sizes, self.size_multiple())])
+
     @torch.jit.unused
-    def _trainable_size(self, sizes: tuple[int, ...], batch: int) -> tuple[int, ...] | None:
+    def _trainable_size(self, sizes: tuple[int, ...], single_voxel_norm: str | None) -> tuple[int, ...] | None:
         """The first of ``sizes``, ``sizes`` with one spatial size doubled, and the same padded to multiples of
-        `size_multiple`, that the parent takes and trains on at this batch size (the deepest level's norms need two
-        voxels or more); None if none."""
-        padded = tuple([max(m, -(-s // m) * m) for s, m in zip(sizes, self.size_multiple())])
-        candidates = [c for base in (sizes, padded)
+        `size_multiple`, that the parent takes and trains on (a deepest level of one voxel only where
+        ``single_voxel_norm``, see `_single_voxel_norm`, is None); None if none."""
+        candidates = [c for base in (sizes, self._padded(sizes))
                       for c in [base] + [base[:d] + (2 * base[d],) + base[d + 1:] for d in range(len(base))]]
         for candidate in candidates:
-            if self._accepts(candidate) and (math.prod(self._deepest_sizes(candidate)) > 1
-                                             or self._single_voxel_norm(batch) is None):
+            if self._accepts(candidate) and (single_voxel_norm is None
+                                             or math.prod(self._deepest_sizes(candidate)) > 1):
                 return candidate
         return None
 
@@ -112,7 +115,7 @@ class CheckpointPolicyMixin:
         norm = self._single_voxel_norm(batch)
         if norm is None:
             return
-        larger = self._trainable_size(sizes, batch)
+        larger = self._trainable_size(sizes, norm)
         instead = "a larger spatial size" if larger is None else (
             f"a spatial size whose deepest level has two voxels or more, such as {larger}")
         if norm.startswith("batch"):

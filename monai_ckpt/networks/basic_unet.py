@@ -103,11 +103,11 @@ class _BasicUNetCheck(CheckpointPolicyMixin):
             return
         sizes = tuple([int(s) for s in x.shape[2:]])
         padded = tuple([max(s, 2**_LEVELS) for s in sizes])
+        padded = self._trainable_size(padded, self._single_voxel_norm(int(x.shape[0]))) or padded
         raise InputShapeError(
             f"{type(self).__name__} cannot take spatial size {sizes}: each spatial size must be at least "
             f"{2**_LEVELS} (four 2x max-poolings; any larger size works, multiples of {2**_LEVELS} need no padding), "
-            f"e.g. pad to {self._trainable_size(padded, int(x.shape[0])) or padded} (monai.transforms.SpatialPad or "
-            "DivisiblePad)."
+            f"e.g. pad to {padded} (monai.transforms.SpatialPad or DivisiblePad)."
         )
 
 

@@ -30,22 +30,19 @@ def activate(act: nn.Module, y: torch.Tensor, residual: torch.Tensor | None = No
     """``y += residual`` (when given), then ``act(y)``, as MONAI's blocks write them; the in-place steps run on
     ``y``'s base where ``y`` is a view of all of it (an in-place activation is elementwise: the base's shape is as
     good as ``y``'s)."""
-    base = viewed_base(y)
+    inplace = getattr(act, "inplace", False)
+    base = viewed_base(y) if inplace or residual is not None else None
     if base is None:
         if residual is not None:
             y += residual
         return act(y)
     if residual is not None:
         base += residual.reshape(base.shape)
-    if getattr(act, "inplace", False):
-        return act(base).view(y.shape)
-    return act(base.view(y.shape))
+    return act(base).view(y.shape) if inplace else act(base.view(y.shape))
 
 
 def adn(block: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """MONAI's ADN block (its modules, in its order) on ``y``, an in-place activation on ``y``'s base where ``y``
-    is a view of all of it."""
+    """MONAI's ADN block (its modules, in its order) on ``y``, its activation through `activate`."""
     for name, module in block.named_children():
-        base = viewed_base(y) if name == "A" and getattr(module, "inplace", False) else None
-        y = module(y) if base is None else module(base).view(y.shape)
+        y = activate(module, y) if name == "A" else module(y)
     return y
