@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import math
 import statistics
+import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,6 +220,125 @@ def replica(network: nn.Module, policy: Any = None) -> nn.Module:
     return model
 
 
+@functools.cache
+def _tracker_files() -> frozenset[str]:
+    return frozenset((__file__, torch._dynamo.eval_frame.__file__, torch._compile.__file__))
+
+
+def _engine_frame() -> bool:
+    """Whether the operator being dispatched was called by autograd's engine itself (its C++ code, not a Python
+    backward or a checkpoint's recomputation): the nearest Python frame, past the dispatch modes (this tracker and
+    any above it) and torch's dynamo-disable wrappers, is the one that started the backward (or there is none: the
+    engine's device threads)."""
+    passed = _tracker_files()
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename in passed or frame.f_code.co_name == "__torch_dispatch__"):
+        frame = frame.f_back
+    return frame is None or frame.f_code is torch.autograd.graph._engine_run_backward.__code__
+
+
+def _accumulated_in_place(func: Any, args: Sequence[Any], kwargs: dict | None) -> weakref.ref | None:
+    """The storage that autograd, run without a dispatch mode, would add a second gradient into in place, when
+    ``func(*args)`` is that addition; else None.
+
+    Without a mode the engine adds the incoming gradient into the one it holds (``add_``) when it holds the only
+    reference to a dense tensor; under any dispatch mode (this tracker, FakeTensorMode) it never does, so a step
+    measured here would count one gradient more than training allocates at each such addition. The reference
+    count cannot be read reliably from Python, so this answers from the storage's and the tracker checks the
+    answer afterwards (`_StepTracker`): a tensor the engine held alone dies as the sum replaces it."""
+    if func is not torch.ops.aten.add.Tensor or kwargs or len(args) != 2 or torch.is_grad_enabled():
+        return None
+    a, b = args
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and a.device == b.device and _dense(a) and _engine_frame()):
+        return None
+    storage = a.untyped_storage()
+    # one reference from the tensor, one from the Python object just made for it: no other tensor shares it
+    return weakref.ref(storage) if torch._C._storage_Use_Count(storage._cdata) == 2 else None
+
+
+def _dense(t: torch.Tensor) -> bool:
+    from torch._prims_common import is_non_overlapping_and_dense_or_false
+
+    return is_non_overlapping_and_dense_or_false(t)
+
+
+@functools.cache
+def _step_tracker() -> type:
+    """The class of a MemTracker (torch.distributed._tools) that counts what a training step allocates without a
+    dispatch mode: the engine's addition of a second gradient into one it holds alone is counted as in place, as
+    autograd does it without a mode (see `_accumulated_in_place`). ``live_bytes()`` gives the live bytes now;
+    subclasses override ``after_operator(func, out)``, called once per operator with ``live_bytes()`` as at its
+    end."""
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _UpdateType
+
+    class _StepTracker(MemTracker):
+        def __init__(self) -> None:
+            super().__init__()
+            self._reusing: weakref.ref | None = None
+            self._pending: tuple | None = None
+            self._live_then: int | None = None
+
+        def live_bytes(self) -> int:
+            if self._live_then is not None:
+                return self._live_then
+            return int(sum(snap.get(_TOTAL_KEY, 0) for snap in self._curr_mem_snap.values()))
+
+        def after_operator(self, func: Any, out: Any) -> None:
+            pass
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self._settle()
+            self._reusing = _accumulated_in_place(func, args, kwargs)
+            try:
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+            finally:
+                self._reusing = None
+            if self._pending is None:
+                self.after_operator(func, out)
+            else:
+                self._pending += (func, out)
+            return out
+
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            storage = self._reusing() if self._reusing is not None else None
+            winfo = self._WINFO.get(storage, (None, None))[0] if storage is not None else None
+            if winfo is not None and winfo.mem_consumed > 0:
+                # the sum is written into the old gradient: its bytes are the sum's
+                before = copy.deepcopy(self._curr_mem_snap)
+                self._update_snap(_UpdateType.DEL, winfo)
+                self._pending = (self._reusing, winfo, winfo.mem_consumed, before, self.live_bytes())
+                winfo.mem_consumed = 0
+            del storage
+            super()._update_peak_stats(peak_state)
+
+        def _settle(self) -> None:
+            """At the next operator: if the old gradient outlived the addition, something else held it and the
+            engine added out of place after all; count it again, and the peak at the addition with it."""
+            if self._pending is None:
+                return
+            storage, winfo, nbytes, before, live, func, out = self._pending
+            self._pending = None
+            if storage() is not None:
+                winfo.mem_consumed = nbytes
+                self._update_snap(_UpdateType.ADD, winfo)
+                for device, snap in before.items():
+                    if self._peak_mem.get(device, 0) < snap[_TOTAL_KEY]:
+                        self._peak_mem[device], self._peak_mem_snap[device] = snap[_TOTAL_KEY], snap
+                live += nbytes
+            self._live_then = live
+            try:
+                self.after_operator(func, out)
+            finally:
+                self._live_then = None
+
+        def __exit__(self, *args: Any) -> None:
+            self._settle()
+            super().__exit__(*args)
+
+    return _StepTracker
+
+
 def measure_step_memory(
     factory: Callable[[], nn.Module],
     input_shape: Sequence[int],
@@ -241,8 +363,6 @@ def measure_step_memory(
             reads data cannot run on fake tensors: give ``LossStandIn(loss_memory(...))`` instead.
         label: the label batch the loss takes (alive for the whole step, as a trainer's batch is).
     """
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     device = torch.device(device)
     if loss is not None and label is None:
         raise ValueError("a loss needs its label batch: give label=LabelBatch(shape, dtype).")
@@ -251,7 +371,7 @@ def measure_step_memory(
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        tracker = MemTracker()
+        tracker = _step_tracker()()
         tracker.track_external(model, opt, x, *(() if y is None else (y,)))
         with tracker:
             training_step(model, x, opt, amp, loss=loss, label=y)
@@ -290,28 +410,21 @@ class LossMemory:
 def _loss_phases(loss: Callable[..., torch.Tensor], out: torch.Tensor, label: torch.Tensor, amp: bool | torch.dtype,
                  ) -> tuple[int, int, int]:
     """(forward peak, saved, backward peak) of ``loss(out, label).mean()`` above the live bytes at its start."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     seen = {"forward": 0, "backward": 0}
     phase = ["forward"]
 
-    class _Phases(MemTracker):
-        def live(self) -> int:
-            return int(sum(v for per_dev in self._curr_mem_snap.values() for k, v in per_dev.items() if k == "Total"))
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            result = super().__torch_dispatch__(func, types, args, kwargs)
-            seen[phase[0]] = max(seen[phase[0]], self.live())
-            return result
+    class _Phases(_step_tracker()):
+        def after_operator(self, func: Any, out: Any) -> None:
+            seen[phase[0]] = max(seen[phase[0]], self.live_bytes())
 
     tracker = _Phases()
     tracker.track_external(out, label)
     dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16 if out.device.type == "cpu" else torch.float16
     with tracker:
-        base = tracker.live()
+        base = tracker.live_bytes()
         with torch.autocast(out.device.type, dtype=dtype, enabled=bool(amp)):
             value = loss(out, label).mean()
-        saved = tracker.live() - base
+        saved = tracker.live_bytes() - base
         phase[0] = "backward"
         value.backward()
     return max(seen["forward"] - base, saved), saved, max(seen["backward"] - base, 0)
@@ -668,6 +781,47 @@ def block_costs(
     return costs
 
 
+def _allocator_step(factory: Callable[[], nn.Module], input_shape: Sequence[int], under_a_mode: bool = False,
+                    ) -> tuple[int, int, int, int]:
+    """One steady-state training step on the CPU, real tensors, read from the CPU allocator by torch's profiler
+    (which hooks the allocator, not the dispatcher): (the allocator's peak, operator-internal buffers included; its
+    bytes at the end of each top-level operator, what the live-tensor figures count; activation-sized gradient
+    additions that autograd did in place; and out of place). ``under_a_mode``: with a pass-through dispatch mode
+    active, as under MemTracker or FakeTensorMode."""
+    from torch.profiler import ProfilerActivity, profile
+
+    class _PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            return func(*args, **(kwargs or {}))
+
+    with _steady_state(factory, input_shape, False, torch.device("cpu"), "adam", False) as (model, opt, x, _):
+        state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        resident = _nbytes(_storages(*model.parameters(), *model.buffers(), x, *state))
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+            with _PassThrough() if under_a_mode else contextlib.nullcontext():
+                training_step(model, x, opt)
+    results = prof.profiler.kineto_results
+    start = results.trace_start_ns()
+    allocations = sorted(((e.start_ns() - start) / 1e3, e.nbytes()) for e in results.events() if e.name() == "[memory]")
+    events = prof.events()
+    top_ends = sorted(e.time_range.end for e in events if e.name.startswith("aten::") and
+                      not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+    current = peak = at_ends = 0
+    i = 0
+    for t, nbytes in allocations:
+        while i < len(top_ends) and top_ends[i] < t:
+            at_ends = max(at_ends, current)
+            i += 1
+        current += nbytes
+        peak = max(peak, current)
+    at_ends = max(at_ends, current)
+    activation = [e for e in events if e.input_shapes and len(e.input_shapes[0]) == len(input_shape)  # not weights
+                  and e.input_shapes[0][0] == input_shape[0] and min(e.input_shapes[0][2:]) >= 4]
+    engine = [e.name for e in activation
+              if e.cpu_parent is not None and e.cpu_parent.name.startswith("autograd::engine")]
+    return resident + peak, resident + at_ends, engine.count("aten::add_"), engine.count("aten::add")
+
+
 def memory_timeline(
     factory: Callable[[], nn.Module],
     input_shape: Sequence[int],
@@ -696,27 +850,24 @@ def _run_tracked_step(model: nn.Module, opt: Any, x: torch.Tensor, amp: bool | t
     """One training step under a MemTracker that calls ``after_operator(tracker, func, out)`` after every
     operator; ``tracker.live_bytes()`` and ``tracker.phase`` ("forward", "backward", "optimizer") say where
     the step is."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    class _PerOperator(MemTracker):
+    class _PerOperator(_step_tracker()):
         step_phase = "forward"
 
         @property
         def phase(self) -> str:
             return "backward" if self._mod_tracker.is_bw else self.step_phase
 
-        def live_bytes(self) -> int:
-            return int(sum(v for per_dev in self._curr_mem_snap.values() for k, v in per_dev.items() if k == "Total"))
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            out = super().__torch_dispatch__(func, types, args, kwargs)
+        def after_operator(self, func: Any, out: Any) -> None:
             after_operator(self, func, out)
-            return out
+
+        def start(self, phase: str) -> None:
+            self._settle()  # an addition that ended the backward is reported as the backward's
+            self.step_phase = phase
 
     tracker = _PerOperator()
     tracker.track_external(model, opt, x)
     with tracker:
-        training_step(model, x, opt, amp, on_phase=lambda p: setattr(tracker, "step_phase", p))
+        training_step(model, x, opt, amp, on_phase=tracker.start)
 
 
 @dataclass

@@ -26,10 +26,9 @@ PLANS = {
                    ["decoder0.0", "decoder0.1"]], "mode": "cheap"}],
         "python -m monai_ckpt.plan --network segresnet --shape 224 224 144 --in-channels 4 --budget-gb 4.68"),
     "attentionunet": ((1, 1, 128, 128, 128), [
-        {"names": ["encoder0", ["decoder3.0", "decoder3.1"], ["decoder2.0", "decoder2.1"], "decoder1",
-                   ["decoder0.0", "decoder0.1"]]},
-        {"names": ["encoder1", "encoder2", "encoder3", "bottleneck", ["decoder3.2", "decoder3.3"],
-                   ["decoder2.2", "decoder2.3"]], "mode": "cheap"}],
+        {"names": ["encoder0", ["decoder0.0", "decoder0.1"]]},
+        {"names": ["encoder1", "encoder2", "encoder3", "bottleneck", "decoder3", "decoder2", "decoder1"],
+         "mode": "cheap"}],
         "python -m monai_ckpt.plan --network attentionunet --shape 128 128 128 --budget-gb 1.45"),
     "swinunetr": ((1, 1, 128, 128, 128), [
         {"names": ["encoder1", "encoder2.0", "encoder3.0", "encoder4.0", "bottleneck", "decoder4", "decoder2", "skip1",
@@ -48,8 +47,14 @@ PLANS = {
          "mode": "cheap"}],
         "python -m monai_ckpt.plan --network basicunetplusplus --shape 128 128 128 --batch 2 --budget-gb 15.0"),
     "segresnetds": ((2, 1, 128, 128, 128), [
-        "encoder0", "encoder1", "encoder2", "encoder3", "bottleneck", "decoder3", "head3", "decoder2", "head2",
-        "decoder1.0", "decoder1.1", "decoder1.2", "head1", "decoder0.0", "decoder0.1", "decoder0.2", "head0"],
+        {"names": ["encoder0", "encoder1.4", "encoder2.4", "encoder3.8", "bottleneck.8", "decoder2.1", "decoder2.2",
+                   "decoder1.1", "decoder1.2", ["decoder0.0", "decoder0.1"]]},
+        {"names": [["encoder1.0", "encoder1.1", "encoder1.2", "encoder1.3"], ["encoder2.0", "encoder2.1", "encoder2.2",
+                                                                             "encoder2.3"],
+                   ["encoder3.0", "encoder3.1", "encoder3.2", "encoder3.3", "encoder3.4", "encoder3.5", "encoder3.6",
+                    "encoder3.7"],
+                   ["bottleneck.0", "bottleneck.1", "bottleneck.2", "bottleneck.3", "bottleneck.4", "bottleneck.5",
+                    "bottleneck.6", "bottleneck.7"], ["decoder3.1", "decoder3.2"]], "mode": "cheap"}],
         "python -m monai_ckpt.plan --network segresnetds --shape 128 128 128 --batch 2 --budget-gb 6.25"),
 }
 TIME_SHAPE = (64, 64, 64)
