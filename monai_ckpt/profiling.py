@@ -307,7 +307,7 @@ def _step_tracker() -> type:
                 # the sum is written into the old gradient: its bytes are the sum's
                 before = copy.deepcopy(self._curr_mem_snap)
                 self._update_snap(_UpdateType.DEL, winfo)
-                self._pending = (self._reusing, winfo, winfo.mem_consumed, before, self.live_bytes())
+                self._pending = (self._reusing, winfo, winfo.mem_consumed, before)
                 winfo.mem_consumed = 0
             del storage
             super()._update_peak_stats(peak_state)
@@ -317,15 +317,17 @@ def _step_tracker() -> type:
             engine added out of place after all; count it again, and the peak at the addition with it."""
             if self._pending is None:
                 return
-            storage, winfo, nbytes, before, live, func, out = self._pending
+            storage, winfo, nbytes, before, func, out = self._pending
             self._pending = None
-            if storage() is not None:
+            live = sum(snap[_TOTAL_KEY] for snap in before.values())  # at the addition's end, counted out of place
+            if storage() is None:
+                live -= nbytes
+            else:
                 winfo.mem_consumed = nbytes
                 self._update_snap(_UpdateType.ADD, winfo)
                 for device, snap in before.items():
                     if self._peak_mem.get(device, 0) < snap[_TOTAL_KEY]:
                         self._peak_mem[device], self._peak_mem_snap[device] = snap[_TOTAL_KEY], snap
-                live += nbytes
             self._live_then = live
             try:
                 self.after_operator(func, out)
