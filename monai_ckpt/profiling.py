@@ -549,18 +549,27 @@ def step_time_ratios(
     device: str | torch.device = "cpu",
     amp: bool = False,
     optimizer: str = "adam",
+    clock: str = "process",
 ) -> tuple[list[float], list[float]]:
     """Median step time of each network, and its ratio to the first, interleaved in one process.
 
     All networks get the same weights-independent input; each round runs one step of every network in
     turn (A B C, B C A, C A B ...: the order rotates so that no network always runs first), so load on a
-    shared machine affects them alike. On the CPU the clock is this
-    process's CPU time (all its threads, kernel time for page faults included), which other processes on a
-    shared machine do not inflate; on CUDA it is wall time after synchronising.
+    shared machine affects them alike. On the CPU the ratios' clock is this process's CPU time (all its
+    threads), which other processes on a shared machine do not inflate; on CUDA it is wall time after
+    synchronising.
+
+    Args:
+        clock: on the CPU, ``"process"`` (user and kernel time) or ``"user"`` (user time only). The kernel's
+            share is mostly page faults on fresh memory: glibc hands each freed large tensor back to the system,
+            so a step pays for every large tensor it allocates, and a network that allocates less pays less. A
+            GPU's caching allocator has no such cost; ``"user"`` leaves it out, to compare computation alone.
 
     Returns:
         (median wall-clock seconds per network, ratio of each network's median to the first network's).
     """
+    if clock not in ("process", "user"):
+        raise ValueError(f"clock must be 'process' or 'user', got {clock!r}.")
     device = torch.device(device)
     models = [f().to(device).train() for f in factories]
     opts = [make_optimizer(m, optimizer) for m in models]
@@ -574,15 +583,23 @@ def step_time_ratios(
             m, o = models[i], opts[i]
             if cuda:
                 torch.cuda.synchronize(device)
-            w0, c0 = time.perf_counter(), time.process_time()
+            w0, c0 = time.perf_counter(), _cpu_seconds(clock)
             training_step(m, x, o, amp)
             if cuda:
                 torch.cuda.synchronize(device)
             if round_ >= warmup:
                 wall[i].append(time.perf_counter() - w0)
-                ratio_clock[i].append(wall[i][-1] if cuda else time.process_time() - c0)
+                ratio_clock[i].append(wall[i][-1] if cuda else _cpu_seconds(clock) - c0)
     base = statistics.median(ratio_clock[0])
     return [statistics.median(t) for t in wall], [statistics.median(t) / base for t in ratio_clock]
+
+
+def _cpu_seconds(clock: str) -> float:
+    if clock == "user":
+        import resource  # POSIX only, as the distinction is
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_utime
+    return time.process_time()
 
 
 def saved_for_backward(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:

@@ -300,3 +300,17 @@ def test_the_tracker_keeps_memtrackers_peaks_without_its_per_module_walk_at_ever
                                                for estimate in (False, True))]
     assert walks and walked == figures
     assert memory_timeline(factory, shape, estimate=True) == timeline
+
+
+def test_step_time_ratios_by_user_time_and_a_bad_clock():
+    """clock="user" times the same networks by user CPU time alone: the first is the reference, a network twice
+    as deep takes longer; an unknown clock is refused before anything is built."""
+    from monai_ckpt.profiling import step_time_ratios
+
+    def stack(depth):
+        return lambda: nn.Sequential(*(nn.Conv3d(4 if i else 1, 4, 3, padding=1) for i in range(depth)))
+
+    medians, ratios = step_time_ratios([stack(2), stack(8)], (1, 1, 24, 24, 24), steps=3, clock="user")
+    assert ratios[0] == 1.0 and ratios[1] > 1.5 and all(m > 0 for m in medians)
+    with pytest.raises(ValueError, match="clock must be 'process' or 'user'"):
+        step_time_ratios([stack(1)], (1, 1, 8, 8, 8), clock="wall")
