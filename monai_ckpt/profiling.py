@@ -312,7 +312,10 @@ def _step_tracker() -> type:
             del storage
             # MemTracker also walks every module it has seen here, at every operator, for per-module peaks that
             # nothing in monai_ckpt reads: half of an estimate's time on a network of a few hundred modules
-            for device, snap in self._curr_mem_snap.items():
+            self._raise_peak(self._curr_mem_snap)
+
+        def _raise_peak(self, snapshots: dict) -> None:
+            for device, snap in snapshots.items():
                 if self._peak_mem.get(device, 0) < snap[_TOTAL_KEY]:
                     self._peak_mem[device], self._peak_mem_snap[device] = snap[_TOTAL_KEY], copy.deepcopy(snap)
 
@@ -329,9 +332,7 @@ def _step_tracker() -> type:
             else:
                 winfo.mem_consumed = nbytes
                 self._update_snap(_UpdateType.ADD, winfo)
-                for device, snap in before.items():
-                    if self._peak_mem.get(device, 0) < snap[_TOTAL_KEY]:
-                        self._peak_mem[device], self._peak_mem_snap[device] = snap[_TOTAL_KEY], snap
+                self._raise_peak(before)
             self._live_then = live
             try:
                 self.after_operator(func, out)
@@ -560,16 +561,13 @@ def step_time_ratios(
     synchronising.
 
     Args:
-        clock: on the CPU, ``"process"`` (user and kernel time) or ``"user"`` (user time only). The kernel's
-            share is mostly page faults on fresh memory: glibc hands each freed large tensor back to the system,
-            so a step pays for every large tensor it allocates, and a network that allocates less pays less. A
-            GPU's caching allocator has no such cost; ``"user"`` leaves it out, to compare computation alone.
+        clock: on the CPU, ``"process"`` (user and kernel time) or ``"user"`` (user time only, without the
+            kernel's page faults): see `device_clock`.
 
     Returns:
         (median wall-clock seconds per network, ratio of each network's median to the first network's).
     """
-    if clock not in ("process", "user"):
-        raise ValueError(f"clock must be 'process' or 'user', got {clock!r}.")
+    cpu_clock = device_clock("cpu", clock)
     device = torch.device(device)
     models = [f().to(device).train() for f in factories]
     opts = [make_optimizer(m, optimizer) for m in models]
@@ -583,23 +581,15 @@ def step_time_ratios(
             m, o = models[i], opts[i]
             if cuda:
                 torch.cuda.synchronize(device)
-            w0, c0 = time.perf_counter(), _cpu_seconds(clock)
+            w0, c0 = time.perf_counter(), cpu_clock()
             training_step(m, x, o, amp)
             if cuda:
                 torch.cuda.synchronize(device)
             if round_ >= warmup:
                 wall[i].append(time.perf_counter() - w0)
-                ratio_clock[i].append(wall[i][-1] if cuda else _cpu_seconds(clock) - c0)
+                ratio_clock[i].append(wall[i][-1] if cuda else cpu_clock() - c0)
     base = statistics.median(ratio_clock[0])
     return [statistics.median(t) for t in wall], [statistics.median(t) / base for t in ratio_clock]
-
-
-def _cpu_seconds(clock: str) -> float:
-    if clock == "user":
-        import resource  # POSIX only, as the distinction is
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_utime
-    return time.process_time()
 
 
 def saved_for_backward(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -672,10 +662,17 @@ class BlockCost:
     cheap_tail_s: float | None = None
 
 
-def device_clock(device: str | torch.device) -> Callable[[], float]:
+def device_clock(device: str | torch.device, cpu: str = "process") -> Callable[[], float]:
     """The clock a profile times operators with: on the CPU this process's CPU time (which other processes on a
     shared machine do not inflate); on CUDA wall time after ``torch.cuda.synchronize`` (an operator's time is
-    then its kernels' time)."""
+    then its kernels' time).
+
+    ``cpu``: ``"process"`` (user and kernel time) or ``"user"`` (user time only). The kernel's share is mostly page
+    faults on fresh memory: glibc hands each freed large tensor back to the system, so a step pays for every large
+    tensor it allocates, and a network that allocates less pays less. A GPU's caching allocator has no such cost;
+    ``"user"`` leaves it out, to compare computation alone."""
+    if cpu not in ("process", "user"):
+        raise ValueError(f"clock must be 'process' or 'user', got {cpu!r}.")
     device = torch.device(device)
     if device.type == "cuda":
         def cuda_clock() -> float:
@@ -684,7 +681,13 @@ def device_clock(device: str | torch.device) -> Callable[[], float]:
         return cuda_clock
     if device.type != "cpu":
         raise ValueError(f"times can be measured on 'cpu' or 'cuda' devices, got {str(device)!r}.")
-    return time.process_time
+    return _user_seconds if cpu == "user" else time.process_time
+
+
+def _user_seconds() -> float:
+    import resource  # POSIX only, as the distinction is
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
 
 
 def _storages(*tensors: torch.Tensor) -> dict[int, torch.UntypedStorage]:

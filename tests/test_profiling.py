@@ -303,8 +303,8 @@ def test_the_tracker_keeps_memtrackers_peaks_without_its_per_module_walk_at_ever
 
 
 def test_step_time_ratios_by_user_time_and_a_bad_clock():
-    """clock="user" times the same networks by user CPU time alone: the first is the reference, a network twice
-    as deep takes longer; an unknown clock is refused before anything is built."""
+    """clock="user" times the same networks by user CPU time alone: the first is the reference, a network four
+    times as deep takes longer; an unknown clock is refused before anything is built."""
     from monai_ckpt.profiling import step_time_ratios
 
     def stack(depth):

@@ -10,7 +10,7 @@ own switch where there is one, and the planner's policy for 60% of the plain pea
 --plan-only: the plain parent and the planner's policy only (SwinUNETR's seven rows at 64^3 take over 20 minutes
 on 2 cores).
 
-Run from the repository root, on an otherwise idle machine (time ratios are CPU time of this process)."""
+Run from the repository root, on an otherwise idle machine (time ratios are this process's CPU time, both clocks)."""
 import json
 import sys
 
