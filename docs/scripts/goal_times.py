@@ -10,8 +10,11 @@ own switch where there is one, and the planner's policy for 60% of the plain pea
 --plan-only: the plain parent and the planner's policy only (SwinUNETR's seven rows at 64^3 take over 20 minutes
 on 2 cores).
 
-Run from the repository root, on an otherwise idle machine (time ratios are this process's CPU time, both clocks)."""
+Run from the repository root, on an otherwise idle machine (time ratios are this process's CPU time, both clocks).
+The ratios depend on the processor (AttentionUnet's plan: 1.22x on one 2-core host, 1.13x on another): the first
+line printed names it."""
 import json
+import platform
 import sys
 
 import torch
@@ -94,8 +97,21 @@ def measure(network, runs=3, steps=5, plan_only=False):
               flush=True)
 
 
+def processor() -> str:
+    """The CPU as /proc/cpuinfo names it (its first processor), where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or "unknown"
+    info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    vector = "AVX-512" if "avx512f" in info.get("flags", "").split() else "no AVX-512"
+    return f"{info.get('model name')} (family {info.get('cpu family')}, model {info.get('model')}, {vector})"
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
+    print(f"CPU: {processor()}, {torch.get_num_threads()} threads")
     args = sys.argv[1:]
     plan_only = "--plan-only" in args
     for network in [a for a in args if a != "--plan-only"] or list(PLANS):
