@@ -141,7 +141,8 @@ class CheckpointAttentionUnet(CheckpointPolicyMixin, AttentionUnet):
         """What each spatial input size must be a multiple of: the product of the strides (each strided
         convolution rounds up, each up-convolution multiplies, and every attention gate must line up)."""
         strides = [ensure_tuple_rep(s, self.dimensions) for s in self.strides[: len(self.channels) - 1]]
-        return tuple([math.prod([int(s[d]) for s in strides]) for d in range(self.dimensions)])  # lists: Dynamo traces them
+        # lists, not generators: the input check runs this, and Dynamo traces lists (torch.compile, fullgraph)
+        return tuple([math.prod([int(s[d]) for s in strides]) for d in range(self.dimensions)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
