@@ -681,13 +681,14 @@ def device_clock(device: str | torch.device, cpu: str = "process") -> Callable[[
         return cuda_clock
     if device.type != "cpu":
         raise ValueError(f"times can be measured on 'cpu' or 'cuda' devices, got {str(device)!r}.")
-    return _user_seconds if cpu == "user" else time.process_time
+    if cpu == "process":
+        return time.process_time
+    import resource  # POSIX only, as the distinction is; imported here, once, not at every reading of the clock
 
+    def user_seconds() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_utime
 
-def _user_seconds() -> float:
-    import resource  # POSIX only, as the distinction is
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
+    return user_seconds
 
 
 def _storages(*tensors: torch.Tensor) -> dict[int, torch.UntypedStorage]:

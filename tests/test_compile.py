@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from monai.networks.nets import DynUNet, UNet, VNet
+from test_networks_ii import CASES as NETWORKS
 
 from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet, InputShapeError
 from monai_ckpt.profiling import saved_for_backward
@@ -113,8 +114,6 @@ NEWER = ["segresnet3d", "swin2d-unnormalized", "attunet3d", "segresnetds3d-ds"]
 def test_the_newer_networks_compile_with_fullgraph_and_train_as_the_parent(case):
     """The same two steps as above for SegResNet, SwinUNETR, AttentionUnet (whose input check did not trace: a
     generator in its size rule) and SegResNetDS with its deep-supervision heads."""
-    from test_networks_ii import CASES as NETWORKS
-
     parent_cls, child_cls, kw, shape = NETWORKS[case]
     torch.manual_seed(0)
     parent = parent_cls(**kw)
