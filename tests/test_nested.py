@@ -131,10 +131,10 @@ def test_the_merge_keeps_its_parts_not_their_concatenation():
 def test_planner_nests_only_when_nothing_else_fits():
     import json
 
-    from monai_ckpt import planner
+    from monai_ckpt.planner.search import Planner
 
     net = CheckpointUNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2)
-    p = planner._Planner(net, (2, 1, 32, 32, 32), False, "adam", timing=False)
+    p = Planner(net, (2, 1, 32, 32, 32), False, "adam", timing=False)
     flat_policy, flat = p.smallest(rounds=1)
     nested_policy, nested = p.smallest(nested=True)
     assert '"nested"' not in json.dumps(flat_policy) and '"nested"' in json.dumps(nested_policy)

@@ -166,14 +166,15 @@ def test_the_attention_gates_backward_holds_one_skip_sized_product_at_a_time():
     """The gate's product ``x * psi`` in backward: MONAI's (autograd's MulBackward) makes ``grad * psi`` and then
     ``grad * x`` and sums the latter to psi's one channel with both alive; the chain's gate reduces first. Same
     operators, so bit-identical gradients; at the reduction the live bytes are one skip-sized tensor fewer."""
-    from monai_ckpt.profiling import _run_tracked_step, _steady_state
+    from monai_ckpt.profiling.step import steady_state
+    from monai_ckpt.profiling.tracker import run_tracked_step
 
     shape = (2, 1, 16, 16, 16)
     at_reduction = []
     for chain_step in (False, True):
         points = []
-        with _steady_state(lambda: _Gate(chain_step), shape, False, torch.device("cpu"), "adam", False) as (m, o, x, _):
-            _run_tracked_step(m, o, x, False, lambda t, func, out: points.append((func, t.live_bytes(), t.phase)))
+        with steady_state(lambda: _Gate(chain_step), shape, False, torch.device("cpu"), "adam", False) as (m, o, x, _):
+            run_tracked_step(m, o, x, False, lambda t, func, out: points.append((func, t.live_bytes(), t.phase)))
         at_reduction.append([live for func, live, phase in points
                              if func is torch.ops.aten.sum.dim_IntList and phase == "backward"])
     skip = 2 * 16 * 16**3 * 4

@@ -13,8 +13,13 @@ from monai.networks.nets import UNet
 
 import monai_ckpt.planner as planner
 from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet, plan
+from monai_ckpt.planner.capacity import least_memory_policy, patch_edges, reference_edge
+from monai_ckpt.planner.device import headroom_bytes
+from monai_ckpt.planner.model import param_grads_after, policy_of, runs_of, segment_options, solve
+from monai_ckpt.planner.profile import profile_chain
+from monai_ckpt.planner.search import Planner
 from monai_ckpt.policies import resolve_policy, validate_policy
-from monai_ckpt.profiling import measure_step_memory
+from monai_ckpt.profiling import measure_step_memory, replica
 
 GiB = 2**30
 UNET = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32, 64), strides=(2, 2, 2),
@@ -31,7 +36,7 @@ NETWORKS = {  # network, [(batch, patch, where the budget lies between the small
 
 def _measured(net, policy, input_shape, estimate=False):
     """Live-tensor peak of a training step of ``net`` with ``policy`` (MemTracker; real tensors by default)."""
-    return measure_step_memory(lambda: planner._replica(net, policy), input_shape, estimate=estimate).peak
+    return measure_step_memory(lambda: replica(net, policy), input_shape, estimate=estimate).peak
 
 
 @pytest.mark.parametrize("name", sorted(NETWORKS))
@@ -68,7 +73,7 @@ def test_bad_arguments_are_clear_errors(bad, match):
     args = dict(spatial_shape=(32, 32, 32), budget_gb=1.0) | bad
     with pytest.raises(ValueError, match=match):
         plan(CheckpointUNet(**UNET), args.pop("spatial_shape"), args.pop("budget_gb"), **args)
-    with pytest.raises(TypeError, match="needs a monai_ckpt network"):
+    with pytest.raises(TypeError, match="needs a checkpoint-aware network"):
         plan(UNet(**UNET), (32, 32, 32), 1.0)
 
 
@@ -76,19 +81,19 @@ def test_dynamic_program_is_exact_against_brute_force():
     """Every combination of segment options of a small network: the DP's pick is the fastest that fits."""
     net = CheckpointUNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2),
                          num_res_units=1)
-    prof = planner._profile(net, (1, 1, 32, 32, 32), False, "adam", timing=False)
+    prof = profile_chain(net, (1, 1, 32, 32, 32), False, "adam", timing=False)
     full = [0.01 * (1 + i % 3) for i in range(len(prof.costs))]  # distinct, known recompute costs
     prof.recompute_s = {"full": full, "cheap": [t / 4 for t in full]}
     prof.tail_s = {"full": [t / 2 if i % 2 else 0.0 for i, t in enumerate(full)],  # a run's time depends on its
                    "cheap": [t / 12 for t in full]}  # last block: a checkpoint stops before the tail
-    grads = planner._grads_after(prof)
-    options = [planner._segment_options(prof, blocks, grads) for _, blocks in prof.segments]
+    grads = param_grads_after(prof)
+    options = [segment_options(prof, blocks, grads) for _, blocks in prof.segments]
     combos = list(itertools.product(*options))
     assert len(combos) > 50
     peaks = sorted({prof.fixed_bytes + _chain_peak(c, prof.loss_bytes) for c in combos})
     for limit in peaks[:: max(1, len(peaks) // 12)]:
         feasible = [sum(o.time for o in c) for c in combos if _fits(prof, c, limit)]
-        solved = planner._solve(prof, limit, options)
+        solved = solve(prof, limit, options)
         if not feasible:
             assert solved is None
             continue
@@ -116,7 +121,7 @@ def _chain_peak(combo, loss_bytes=0):
 def test_plan_is_never_slower_than_the_fastest_fixed_policy_that_fits():
     net = CheckpointUNet(**UNET)
     input_shape = (2, 1, 32, 32, 32)
-    p0 = planner._Planner(net, input_shape, False, "adam")
+    p0 = Planner(net, input_shape, False, "adam")
     plain, smallest = p0.peak("none"), p0.smallest()[1]
     for fraction in (0.9, 0.7, 0.5, 0.3):
         budget = int(smallest + fraction * (plain - smallest))
@@ -202,7 +207,7 @@ def test_capacity_search_finds_the_boundary():
     cube = lambda edge: (1, 1, edge, edge, edge)
     assert _measured(net, "none", cube(row["plain"])) <= budget * GiB  # real tensors
     assert _measured(net, "none", cube(row["plain"] + step), estimate=True) > budget * GiB
-    policy = planner._least_memory_policy(net, cube(planner._reference_edge(planner._edges(net, 1024))), False, "adam")
+    policy = least_memory_policy(net, cube(reference_edge(patch_edges(net, 1024))), False, "adam")
     assert _measured(net, policy, cube(row["checkpointed"]), estimate=True) <= budget * GiB
     assert _measured(net, policy, cube(row["checkpointed"] + step), estimate=True) > budget * GiB
     batch = planner.max_batch_size(net, (32, 32, 32), budget, checkpointing=False)
@@ -244,20 +249,20 @@ def test_cli(capsys, tmp_path, monkeypatch):
 def test_segment_options_cut_segments_into_runs():
     """A segment of n blocks is cut every possible way (2^(n-1) cuts), each run plain, full or cheap; the
     policy of a cut names whole segments, single blocks and runs (inner lists) and resolves to those units."""
-    assert planner._runs_of((0, 1, 2)) == [((0,), (1,), (2,)), ((0,), (1, 2)), ((0, 1), (2,)), ((0, 1, 2),)]
-    assert len(planner._runs_of(tuple(range(5)))) == 16
+    assert runs_of((0, 1, 2)) == [((0,), (1,), (2,)), ((0,), (1, 2)), ((0, 1), (2,)), ((0, 1, 2),)]
+    assert len(runs_of(tuple(range(5)))) == 16
     net = CheckpointUNet(**UNET)
-    prof = planner._profile(net, (1, 1, 32, 32, 32), False, "adam", timing=False)
-    grads = planner._grads_after(prof)
+    prof = profile_chain(net, (1, 1, 32, 32, 32), False, "adam", timing=False)
+    grads = param_grads_after(prof)
     name, blocks = next((n, b) for n, b in prof.segments if len(b) == 3)
-    units = {o.units for o in planner._segment_options(prof, blocks, grads)}
+    units = {o.units for o in segment_options(prof, blocks, grads)}
     b0, b1, b2 = blocks
     assert (((b0, b1), "full"), ((b2,), "cheap")) in units and (((b0,), "plain"), ((b1, b2), "full")) in units
-    chosen = [next(o for o in planner._segment_options(prof, bl, grads)
+    chosen = [next(o for o in segment_options(prof, bl, grads)
                    if o.units == ((((b0, b1), "full"), ((b2,), "cheap")) if n == name else (((bl[0],), "plain"),)
                                   if len(bl) == 1 else tuple(((b,), "plain") for b in bl)))
               for n, bl in prof.segments]
-    policy, labels = planner._policy_of(prof, chosen)
+    policy, labels = policy_of(prof, chosen)
     names = [prof.costs[b].block for b in blocks]
     assert policy == [{"names": [names[:2]]}, {"names": [names[2]], "mode": "cheap"}]
     assert labels == ["+".join(names[:2]), names[2]]
@@ -296,7 +301,7 @@ def test_plans_with_the_users_loss_fit_and_predict_within_5_percent(name, classe
         net, shape = CheckpointUNet(**MANY, out_channels=classes), (1, 1, 16, 16, 16)
     labels = LabelBatch((shape[0], 1 if label == "index" else classes, *shape[2:]),
                         torch.int64 if label == "index" else torch.float32)
-    real = lambda policy: measure_step_memory(lambda: planner._replica(net, policy), shape, loss=loss,
+    real = lambda policy: measure_step_memory(lambda: replica(net, policy), shape, loss=loss,
                                               label=labels).peak
     plain, least = real("none"), real("all")
     budget = least + 0.6 * (plain - least)
@@ -375,9 +380,9 @@ def test_the_same_question_gets_the_same_plan_and_plans_keep_headroom():
     assert roomy.expected_reserved_bytes == roomy.predicted_peak_bytes + roomy.headroom_bytes
     assert roomy.expected_allocated_bytes == roomy.predicted_peak_bytes
     # the CUDA default (a stand-in device: the rule, not a GPU): 10% of the budget, at least 0.25 GiB
-    assert planner._headroom_bytes(None, 8 * GiB, torch.device("cuda")) == int(0.8 * GiB)
-    assert planner._headroom_bytes(None, 1 * GiB, torch.device("cuda")) == int(0.25 * GiB)
-    assert planner._headroom_bytes(None, 8 * GiB, torch.device("cpu")) == 0
+    assert headroom_bytes(None, 8 * GiB, torch.device("cuda")) == int(0.8 * GiB)
+    assert headroom_bytes(None, 1 * GiB, torch.device("cuda")) == int(0.25 * GiB)
+    assert headroom_bytes(None, 8 * GiB, torch.device("cpu")) == 0
 
 
 def test_block_times_use_the_devices_clock():

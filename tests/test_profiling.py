@@ -101,7 +101,7 @@ def test_block_costs_tail_hand_count(monkeypatch):
     the residual add both of those."""
     import itertools
 
-    from monai_ckpt import profiling
+    from monai_ckpt.profiling import block_costs, timing
 
     class CountingClock:
         def __init__(self):
@@ -110,8 +110,8 @@ def test_block_costs_tail_hand_count(monkeypatch):
         def process_time(self):
             return float(next(self.ticks))
 
-    monkeypatch.setattr(profiling, "time", CountingClock())
-    costs = {c.block: c for c in profiling.block_costs(lambda: CheckpointUNet(**CFG), (1, 1, 32, 32, 32), repeats=1)}
+    monkeypatch.setattr(timing, "time", CountingClock())  # the clock block_costs times operators with
+    costs = {c.block: c for c in block_costs(lambda: CheckpointUNet(**CFG), (1, 1, 32, 32, 32), repeats=1)}
     assert (costs["decoder0.2"].tail_s, costs["decoder0.2"].cheap_tail_s) == (2, 1)
     assert (costs["decoder0.0"].tail_s, costs["decoder0.0"].cheap_tail_s) == (0, 0)
     assert (costs["encoder0.1"].tail_s, costs["encoder0.1"].cheap_tail_s) == (2, 2)
@@ -225,13 +225,15 @@ def test_a_gradient_addition_counts_as_autograd_does_it_without_a_dispatch_mode(
     """Under a dispatch mode autograd adds a second gradient out of place; without one, into the first when it holds
     that alone. The tracker counts what training allocates: the addition's live bytes grow by the sum only where
     autograd, run without a mode (read from the CPU allocator by torch's profiler), adds out of place."""
-    from monai_ckpt.profiling import _allocator_step, _steady_state, _step_tracker, training_step
+    from monai_ckpt.profiling.allocator import allocator_step
+    from monai_ckpt.profiling.step import steady_state, training_step
+    from monai_ckpt.profiling.tracker import step_tracker
 
     shape = (1, 1, 16, 16, 16)
-    _, _, adds_in_place, adds_out_of_place = _allocator_step(net, shape)
+    _, _, adds_in_place, adds_out_of_place = allocator_step(net, shape)
     assert (adds_in_place, adds_out_of_place) == ((1, 0) if in_place else (0, 1))  # the reference is what it says
 
-    class Additions(_step_tracker()):
+    class Additions(step_tracker()):
         starts, grown = [], []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -244,7 +246,7 @@ def test_a_gradient_addition_counts_as_autograd_does_it_without_a_dispatch_mode(
             if func is torch.ops.aten.add.Tensor and not torch.is_grad_enabled():
                 self.grown.append(self.live_bytes() - start)
 
-    with _steady_state(net, shape, False, torch.device("cpu"), "adam", False) as (model, opt, x, _):
+    with steady_state(net, shape, False, torch.device("cpu"), "adam", False) as (model, opt, x, _):
         tracker = Additions()
         tracker.track_external(model, opt, x)
         with tracker:
@@ -257,7 +259,7 @@ def test_the_live_tensor_peak_is_what_training_allocates_where_it_falls_on_a_gra
     gate's and the merge's): the figure, measured and estimated, equals the CPU allocator's bytes at operator ends
     without a dispatch mode (up to the checkpoints' RNG states, which are not dispatched), not one gradient more."""
     from monai_ckpt.networks.presets import network_factory
-    from monai_ckpt.profiling import _allocator_step
+    from monai_ckpt.profiling.allocator import allocator_step
 
     policy = [{"names": ["encoder0", ["decoder2.0", "decoder2.1"], "decoder1", ["decoder0.0", "decoder0.1"]]},
               {"names": ["encoder1", "encoder2", "encoder3", "bottleneck", ["decoder3.2", "decoder3.3"],
@@ -266,7 +268,7 @@ def test_the_live_tensor_peak_is_what_training_allocates_where_it_falls_on_a_gra
     shape = (1, 1, 48, 48, 48)
     measured = measure_step_memory(factory, shape).peak
     assert measure_step_memory(factory, shape, estimate=True).peak == measured
-    allocated = _allocator_step(factory, shape)[1]
+    allocated = allocator_step(factory, shape)[1]
     assert abs(measured - allocated) <= 256 * 1024  # a 16-channel gradient here is 6.75 MiB
 
 
@@ -276,9 +278,10 @@ def test_the_tracker_keeps_memtrackers_peaks_without_its_per_module_walk_at_ever
     by category and timeline, are the ones it gives with the walk put back."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from monai_ckpt.profiling import _step_tracker, memory_timeline
+    from monai_ckpt.profiling import memory_timeline
+    from monai_ckpt.profiling.tracker import step_tracker
 
-    tracker = _step_tracker()
+    tracker = step_tracker()
     own, walk = tracker._update_peak_stats, MemTracker._update_peak_stats
     walks = []
 

@@ -17,7 +17,8 @@ import json
 import sys
 
 from monai_ckpt.networks.presets import network_factory
-from monai_ckpt.profiling import _allocator_step, measure_step_memory
+from monai_ckpt.profiling import measure_step_memory
+from monai_ckpt.profiling.allocator import allocator_step
 
 
 if __name__ == "__main__":
@@ -28,7 +29,7 @@ if __name__ == "__main__":
     for spec in policies:
         factory = network_factory(network, 3, 1, json.loads(spec))
         live = measure_step_memory(factory, shape).peak
-        peak, at_ends, inplace, outplace = _allocator_step(factory, shape)
-        _, _, inplace_mode, outplace_mode = _allocator_step(factory, shape, under_a_mode=True)
+        peak, at_ends, inplace, outplace = allocator_step(factory, shape)
+        _, _, inplace_mode, outplace_mode = allocator_step(factory, shape, under_a_mode=True)
         print(f"| {spec} | {live / 2**20:.1f} | {at_ends / 2**20:.1f} | {peak / 2**20:.1f} | "
               f"{inplace}/{outplace}; {inplace_mode}/{outplace_mode} |", flush=True)

@@ -14,7 +14,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from monai_ckpt.networks.presets import network_factory
-from monai_ckpt.planner import _planner
+from monai_ckpt.planner.search import get_planner
 from monai_ckpt.profiling import measure_step_memory, step_time_ratios
 
 SHAPE = (2, 1, 256, 256, 256)
@@ -52,7 +52,7 @@ def unet():
         print(f"| {name}: `{json.dumps(policy)}` | {precision} | {p / 2**20:.0f} | {100 * p / plain:.1f}% |")
     # the same network under a user's loss: DiceCE on an integer label map (B, 1, ...), as the planner measures it
     net = network_factory("unet", 3, 1, "none")()
-    pl = _planner(net, SHAPE, False, "adam", DiceCELoss(to_onehot_y=True, softmax=True), "index", torch.device("cpu"),
+    pl = get_planner(net, SHAPE, False, "adam", DiceCELoss(to_onehot_y=True, softmax=True), "index", torch.device("cpu"),
                   timing=False)
     dice_plain = pl.peak("none")
     print("\nDiceCELoss(to_onehot_y=True, softmax=True), label (2, 1, 256, 256, 256) int64:")
@@ -85,7 +85,7 @@ def others():
         if sys.argv[2:] and network not in sys.argv[2:]:
             continue
         net = network_factory(network, 3, 1, "none")()
-        pl = _planner(net, shape, False, "adam", None, "index", torch.device("cpu"), timing=False,
+        pl = get_planner(net, shape, False, "adam", None, "index", torch.device("cpu"), timing=False,
                       progress=lambda m: print("  ", m, file=sys.stderr))
         plain = pl.peak("none")
         flat, flat_peak = pl.smallest()

@@ -15,8 +15,9 @@ import json
 import torch
 
 import monai_ckpt.planner as P
+from monai_ckpt.planner.search import Planner
 from monai_ckpt.networks.presets import network_factory
-from monai_ckpt.profiling import step_time_ratios
+from monai_ckpt.profiling import replica, step_time_ratios
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--network", default="unet")
@@ -29,7 +30,7 @@ args = parser.parse_args()
 torch.set_num_threads(2)
 shape = tuple(args.plan_shape)
 net = network_factory(args.network, len(shape) - 2, shape[1])()
-pl = P._Planner(net, shape, False, "adam", progress=lambda m: print(f"[plan] {m}", flush=True))
+pl = Planner(net, shape, False, "adam", progress=lambda m: print(f"[plan] {m}", flush=True))
 plain = pl.peak("none")
 rows = []
 for frac in args.fractions:
@@ -44,7 +45,7 @@ texts = ["\"none\""] + list(dict.fromkeys(json.dumps(r["plan"]) for r in rows))
 texts += [t for t in dict.fromkeys(json.dumps(f["policy"]) for r in rows for f in r["fixed"]) if t not in texts]
 pols = [json.loads(t) for t in texts]
 print(f"timing {len(pols)} policies at {args.time_shape}", flush=True)
-_, ratios = step_time_ratios([lambda p=p: P._replica(net, p) for p in pols], (1, shape[1], *args.time_shape),
+_, ratios = step_time_ratios([lambda p=p: replica(net, p) for p in pols], (1, shape[1], *args.time_shape),
                              steps=args.steps, warmup=1)
 measured = dict(zip(texts, ratios))
 print("measured", json.dumps(measured), flush=True)

@@ -7,7 +7,7 @@ import torch
 from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceFocalLoss, DiceLoss
 
 from monai_ckpt import CheckpointDynUNet, CheckpointUNet, plan
-from monai_ckpt import planner
+from monai_ckpt.planner.step import make_step, measured_peak
 from monai_ckpt.networks.presets import NETWORKS
 from monai_ckpt.profiling import measure_step_memory, replica
 
@@ -43,12 +43,12 @@ if __name__ == "__main__":
     for name, make, spatial, loss, label, real in CASES:
         net = make()
         shape = (1, 1, *spatial)
-        step = planner._make_step(net, shape, False, loss, label)
+        step = make_step(net, shape, False, loss, label)
         if real:
             measure = lambda p: measure_step_memory(lambda: replica(net, p), shape, loss=loss,  # noqa: E731
                                                     label=step.label).peak
         else:
-            measure = lambda p: planner._measured_peak(net, p, shape, False, "adam", step)  # noqa: E731
+            measure = lambda p: measured_peak(net, p, shape, False, "adam", step)  # noqa: E731
         plain, least = measure("none"), measure("all")
         for fraction in (0.9, 0.6):
             budget = least + fraction * (plain - least)

@@ -22,6 +22,8 @@ import torch
 from monai.losses import DiceCELoss
 
 from monai_ckpt import planner
+from monai_ckpt.planner.device import headroom_bytes
+from monai_ckpt.planner.step import make_step, measured_peak
 from monai_ckpt.networks.presets import network_factory
 from monai_ckpt.profiling import LabelBatch, make_optimizer, measure_step_memory, replica, training_step
 
@@ -107,12 +109,12 @@ def main() -> int:
         for spatial in sizes:
             shape = (1, 1, *spatial)
             label = LabelBatch((1, 1, *spatial), torch.int64)
-            step = planner._make_step(net, shape, False, loss, "index")
-            peak = lambda p: planner._measured_peak(net, p, shape, False, "adam", step)  # noqa: E731
+            step = make_step(net, shape, False, loss, "index")
+            peak = lambda p: measured_peak(net, p, shape, False, "adam", step)  # noqa: E731
             plain, least = peak("none"), peak("all")
             for fraction in FRACTIONS:
                 tensors = least + fraction * (plain - least)
-                headroom = planner._headroom_bytes(None, int(tensors / (1 - planner.CUDA_HEADROOM_FRACTION)), device)
+                headroom = headroom_bytes(None, int(tensors / (1 - planner.CUDA_HEADROOM_FRACTION)), device)
                 budget = int(tensors) + headroom
                 p = planner.plan(net, spatial, budget / 2**30, loss=loss)
                 allocated, reserved = run_step_memory(net, p.policy, shape, label, loss, device)

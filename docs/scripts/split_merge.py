@@ -10,7 +10,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-import monai_ckpt.planner as P
+from monai_ckpt.planner.search import Planner
 from monai_ckpt.networks.presets import network_factory
 from monai_ckpt.networks import unet
 from monai_ckpt.profiling import measure_step_memory, step_time_ratios
@@ -50,7 +50,7 @@ if __name__ == "__main__":
         after = (peak(p), peak(p, True))
         print(f"{name}: fp32 {100 * before[name][0] / plain:.1f}% -> {100 * after[0] / plain:.1f}%, "
               f"bf16 {100 * before[name][1] / plain:.1f}% -> {100 * after[1] / plain:.1f}% of the fp32 plain peak")
-    planner = P._Planner(network_factory("unet", 3, 1)(), SHAPE, False, "adam")
+    planner = Planner(network_factory("unet", 3, 1)(), SHAPE, False, "adam")
     plan = planner.plan(int(0.55 * plain))
     print(f"55% plan: {json.dumps(plan.policy)}: {100 * plan.predicted_peak_bytes / plain:.1f}%, "
           f"predicted x{plan.predicted_time_ratio:.3f}")
