@@ -7,7 +7,8 @@ The site renders the outputs stored in each notebook (myst-nb, no execution at b
 notebook, a plot or anything a notebook prints, run this and commit the notebooks. It runs each notebook as
 tests/test_notebooks.py does (``MONAI_CKPT_QUICK=1``: tiny sizes, seconds per notebook; inline figures; one
 thread; a temporary working folder, so nothing is written beside the notebooks), drops what would only be noise
-on a page (progress bars, execution timestamps) and refuses to store an error or an oversized output.
+on a page (stderr: warnings and progress bars, which also name the machine's own install paths; execution
+timestamps), writes the repository's own paths relative to it, and refuses to store an error or an oversized output.
 """
 
 from __future__ import annotations
@@ -21,12 +22,23 @@ from pathlib import Path
 import nbclient
 import nbformat
 
-NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOKS = REPO / "notebooks"
 MAX_OUTPUT_BYTES = 400_000  # a few plots; a larger output is a mistake to fix, not a page to publish
 
 
-def _is_progress_bar(output: nbformat.NotebookNode) -> bool:
-    return output.output_type == "stream" and output.name == "stderr" and "\r" in output.text
+def clean_outputs(nb: nbformat.NotebookNode) -> None:
+    """Drop stderr streams; write paths inside the repository relative to it (``bundles/...``)."""
+    root = f"{REPO}{os.sep}"
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
+        for o in cell.outputs:
+            if o.output_type == "stream":
+                o.text = o.text.replace(root, "")
+            elif "text/plain" in o.get("data", {}):
+                o.data["text/plain"] = o.data["text/plain"].replace(root, "")
 
 
 def execute(path: Path) -> int:
@@ -43,15 +55,11 @@ def execute(path: Path) -> int:
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    size = 0
-    for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
-        errors = [o for o in cell.outputs if o.output_type == "error"]
-        if errors:
-            raise RuntimeError(f"{path.name}: {errors[0].ename}: {errors[0].evalue}")
-        cell.outputs = [o for o in cell.outputs if not _is_progress_bar(o)]
-        size += len(nbformat.writes(nbformat.v4.new_notebook(cells=[cell])))
+    errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
+    if errors:
+        raise RuntimeError(f"{path.name}: {errors[0].ename}: {errors[0].evalue}")
+    clean_outputs(nb)
+    size = sum(len(nbformat.writes(nbformat.v4.new_notebook(cells=[c]))) for c in nb.cells if c.cell_type == "code")
     if size > MAX_OUTPUT_BYTES:
         raise RuntimeError(f"{path.name}: {size} bytes of outputs, more than {MAX_OUTPUT_BYTES}: shrink the figures")
     nbformat.validate(nb)
