@@ -69,14 +69,16 @@ html_show_sourcelink = True
 # reStructuredText, and are escaped here rather than in the source: a shape written (B, C, *spatial) outside a
 # literal (the star would open an emphasis that never closes), and a suffix glued to a literal (``torch.compile``d).
 _STAR = re.compile(r"(?<![\\\w*])\*(?=spatial\b)")
-_GLUED_SUFFIX = re.compile(r"(``[^`]+``)(?=[A-Za-z])")
 
 
 def _escape_plain_text_habits(app, what, name, obj, options, lines: list[str]) -> None:
     for i, line in enumerate(lines):
-        parts = line.split("``")
-        line = "``".join(_STAR.sub(r"\\*", p) if k % 2 == 0 else p for k, p in enumerate(parts))
-        lines[i] = _GLUED_SUFFIX.sub(r"\1\\ ", line)
+        parts = line.split("``")  # odd parts are inside a literal
+        for k in range(0, len(parts), 2):
+            parts[k] = _STAR.sub(r"\\*", parts[k])
+            if k and parts[k][:1].isalpha():
+                parts[k] = "\\ " + parts[k]  # a suffix glued to the literal before it
+        lines[i] = "``".join(parts)
 
 
 def setup(app):
