@@ -71,7 +71,7 @@ def _progress(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m monai_ckpt.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--network", default="unet", choices=sorted(NETWORKS),
-                        help="the benchmark's configuration of that network (see docs/benchmarks.md)")
+                        help="the benchmark's configuration of that network (see docs/benchmarks/)")
     parser.add_argument("--budget-gb", type=_positive_float, help="memory for one training step, GiB")
     parser.add_argument("--shape", type=int, nargs="+", help="patch, D H W (or H W)")
     parser.add_argument("--batch", type=positive_int, default=1)

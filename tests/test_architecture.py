@@ -1,4 +1,4 @@
-"""The layers of docs/architecture.md, read from the source: who imports whom inside monai_ckpt."""
+"""The layers of docs/developer/architecture.md, read from the source: who imports whom inside monai_ckpt."""
 
 import ast
 from pathlib import Path

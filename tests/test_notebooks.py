@@ -1,4 +1,8 @@
-"""Every tutorial in notebooks/ runs top to bottom in quick mode (MONAI_CKPT_QUICK=1)."""
+"""Every tutorial in notebooks/ runs top to bottom in quick mode (MONAI_CKPT_QUICK=1).
+
+The notebooks are committed with the outputs of such a run (the documentation site renders them;
+docs/scripts/execute_notebooks.py refreshes them); this test clears them and executes each notebook afresh.
+"""
 
 from pathlib import Path
 
@@ -20,7 +24,9 @@ def test_notebook_runs_in_quick_mode(path, monkeypatch, tmp_path):
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny quick-mode tensors: threads cost more than they give
     nb = nbformat.read(path, as_version=4)
-    assert not any(cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "commit notebooks without outputs"
+    for cell in nb.cells:  # the stored outputs (rendered by the docs) are not what this run is judged on
+        if cell.cell_type == "code":
+            cell.outputs = []
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
     assert not errors

@@ -53,9 +53,10 @@ class CheckpointSegResNetDS(CheckpointPolicyMixin, SegResNetDS):
     followed, with deep supervision, by its head ``head{i}`` (i = 1..dsdepth-1); ``head0`` (the top head). Blocks:
     each half of a SegResBlock (norm, activation, convolution; the second with the residual addition).
 
+    The parent's arguments (spatial_dims, init_filters, in_channels, out_channels, act, norm, blocks_down,
+    blocks_up, dsdepth, preprocess, upsample_mode, resolution) are those of `monai.networks.nets.SegResNetDS`, plus:
+
     Args:
-        spatial_dims, init_filters, in_channels, out_channels, act, norm, blocks_down, blocks_up, dsdepth,
-        preprocess, upsample_mode, resolution: as for `monai.networks.nets.SegResNetDS`.
         checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`. Defaults to "all".
 
     Examples::

@@ -141,11 +141,12 @@ class CheckpointSwinUNETR(CheckpointPolicyMixin, SwinUNETR):
     that our policy leaves alone; a Swin block inside one of our checkpoints runs without it, so no block is
     recomputed twice. `builtin_checkpoint` reports which it is.
 
+    The parent's arguments (in_channels, out_channels, patch_size, depths, num_heads, window_size, qkv_bias,
+    mlp_ratio, feature_size, norm_name, drop_rate, attn_drop_rate, dropout_path_rate, normalize, norm_layer,
+    patch_norm, use_checkpoint, spatial_dims, downsample, use_v2, use_hyena, hyena_*, use_flash_attention) are those
+    of `monai.networks.nets.SwinUNETR`, plus:
+
     Args:
-        in_channels, out_channels, patch_size, depths, num_heads, window_size, qkv_bias, mlp_ratio, feature_size,
-        norm_name, drop_rate, attn_drop_rate, dropout_path_rate, normalize, norm_layer, patch_norm,
-        use_checkpoint, spatial_dims, downsample, use_v2, use_hyena, hyena_*, use_flash_attention: as for
-        `monai.networks.nets.SwinUNETR`.
         checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`. Defaults to "all".
 
     Examples::

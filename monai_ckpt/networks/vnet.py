@@ -60,9 +60,10 @@ class CheckpointVNet(CheckpointPolicyMixin, VNet):
     ``decoder3``..``decoder0`` (``up_tr256``..``up_tr32``), ``head0`` (``out_tr``). The blocks of a
     transition: its (up/down) convolution, then each LUConv (the last with the residual add).
 
+    The parent's arguments (spatial_dims, in_channels, out_channels, act, dropout_prob, dropout_prob_down,
+    dropout_prob_up, dropout_dim, bias) are those of `monai.networks.nets.VNet`, plus:
+
     Args:
-        spatial_dims, in_channels, out_channels, act, dropout_prob, dropout_prob_down, dropout_prob_up,
-        dropout_dim, bias: as for `monai.networks.nets.VNet`.
         checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`. Defaults to "all".
 
     Examples::
