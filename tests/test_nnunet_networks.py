@@ -71,10 +71,21 @@ CASES = {
 # the policies know no network (tests/test_policies.py): here what the chain of these networks must carry, a group
 # per segment, per block (residuals carried across checkpoint boundaries), selective, offloaded, heads alone, groups
 # that span the skips' stack, nested recomputation
-POLICIES = ["all", "blocks", "cheap", "offload", "head", {"segments": 2}, {"segments": 1, "mode": "nested"}]
-PARITY = [("resencL3d", p) for p in POLICIES] + [(c, p) for c in CASES if c != "resencL3d" for p in ("all", "cheap")]
-PARITY += [("resenc3d-bottleneck-bn-dropout", "blocks"), ("plain3d-bn-dropout-nonlin-first", "blocks")]
-THREE = ["default3d-aniso", "resencL3d", "resenc3d-bottleneck-bn-dropout"]  # both classes, both residual blocks
+POLICIES = ["all", "blocks", "cheap", "offload", {"segments": 2}, {"segments": 1, "mode": "nested"}]
+PARITY = ([("resencL3d", p) for p in POLICIES] + [("default3d-aniso", p) for p in ("all", "cheap")]
+          + [("default2d", "cheap"), ("resencM2d", "all")]
+          + [(c, p) for c in ("plain3d-bn-dropout-nonlin-first", "resenc3d-bottleneck-bn-dropout") for p in ("blocks",
+                                                                                                            "cheap")])
+TWO = ["default3d-aniso", "resenc3d-bottleneck-bn-dropout"]  # both classes, both residual blocks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Feature maps of a few hundred voxels: a second thread only adds its synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make(case, policy="all"):
@@ -146,15 +157,15 @@ def test_deep_supervision_switched_as_nnunet_does_it():
     assert [g.names for g in child.checkpoint_groups()] == [("head2",), ("head1",), ("head0",)]
     for net in (parent, child):
         net.decoder.deep_supervision = False
-    assert_same_training(parent, child, [torch.randn(*shape) for _ in range(2)])
+    assert_same_training(parent, child, [torch.randn(*shape)])
     assert [g.names for g in child.checkpoint_groups()] == [("head0",)]
     for net in (parent, child):
         net.decoder.deep_supervision = True
-    assert_same_training(parent, child, [torch.randn(*shape) for _ in range(2)])
+    assert_same_training(parent, child, [torch.randn(*shape)])
     assert len(child.checkpoint_groups()) == 3
 
 
-@pytest.mark.parametrize("case", THREE)
+@pytest.mark.parametrize("case", TWO)
 def test_each_conv_runs_at_most_twice(case):
     _, child, shape = make(case, "blocks")
     x = torch.randn(*shape)
@@ -165,14 +176,13 @@ def test_each_conv_runs_at_most_twice(case):
     assert all(plain[n] <= counts[n] <= 2 * plain[n] for n in plain)
 
 
-@pytest.mark.parametrize("case", THREE)
+@pytest.mark.parametrize("case", TWO)
 def test_eval_no_grad_and_inference_are_the_plain_forward(case, monkeypatch):
     parent, child, shape = make(case)
     assert_plain_forward_outside_training(parent, child, torch.randn(*shape), monkeypatch)
 
 
-@pytest.mark.parametrize("case", ["resencM2d", "default2d"])
-@pytest.mark.parametrize("policy", ["all", "cheap"])
+@pytest.mark.parametrize("case, policy", [("resencM2d", "cheap"), ("default2d", "all")])
 def test_autocast_bf16_matches_parent(case, policy):
     """nnU-Net trains under autocast (fp16 on CUDA; bf16 is the CPU's). In 2D: on this CPU build torch's bf16 Conv3d
     returns garbage weight gradients at tiny sizes (16 channels on 2x2x2, the parent's too)."""
@@ -275,8 +285,8 @@ def test_checkpointing_lowers_the_estimated_peak():
 
     kw = _resenc(features_per_stage=(8, 16, 32, 32), deep_supervision=True)
     peaks = {p: measure_step_memory(lambda p=p: CheckpointResidualEncoderUNet(**kw, checkpoint_policy=p),
-                                    (2, 1, 64, 64, 64), estimate=True).peak for p in ("none", "all")}
-    assert peaks["all"] < 0.5 * peaks["none"], peaks
+                                    (2, 1, 32, 32, 32), estimate=True).peak for p in ("none", "all")}
+    assert peaks["all"] < 0.6 * peaks["none"], peaks
 
 
 def test_compiled_training_equals_the_eager_parent():
@@ -284,7 +294,9 @@ def test_compiled_training_equals_the_eager_parent():
     and the in-place steps traced as plain expressions): two SGD steps equal the eager parent's."""
     from test_compile import _FAST, assert_close_training
 
-    parent, child, shape = make("resencM2d", "cheap")
+    kw = _resenc(2, n_stages=3, features_per_stage=(4, 8, 8), strides=(1, 2, 2), n_blocks_per_stage=(1, 2, 2))
+    parent, child = make_pair(ResidualEncoderUNet, CheckpointResidualEncoderUNet, kw, "cheap")
+    shape = (2, 1, 8, 8)
     torch._dynamo.reset()
     assert_close_training(parent, child, torch.compile(child, fullgraph=True, backend=_FAST), shape)
 

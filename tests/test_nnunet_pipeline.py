@@ -101,6 +101,15 @@ def nnunet(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """A test-sized network on 32^3: a second thread only adds its synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _seed(seed: int = 0) -> None:
     random.seed(seed)
     np.random.seed(seed)
