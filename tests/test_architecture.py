@@ -138,7 +138,8 @@ def test_only_monai_ckpt_nnunet_imports_nnunet():
     outside = {(name, target) for name, path in MODULES.items() if not name.startswith("monai_ckpt.nnunet")
                for target, _ in _imports(path) if target.split(".")[0] in OPTIONAL}
     assert outside == set()
-    assert any(t.startswith("dynamic_network_architectures") for t, _ in _imports(MODULES["monai_ckpt.nnunet.networks"]))
+    networks = _imports(MODULES["monai_ckpt.nnunet.networks"])
+    assert any(t.startswith("dynamic_network_architectures") for t, _ in networks)
 
 
 def test_import_monai_ckpt_without_nnunet_installed():

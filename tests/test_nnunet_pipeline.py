@@ -26,6 +26,8 @@ import torch
 pytest.importorskip("nnunetv2")
 nib = pytest.importorskip("nibabel")
 
+from test_nnunet_networks import _one_thread  # noqa: E402, F401 - a test-sized network: one thread, autouse
+
 DATASET_ID = 987
 DATASET = f"Dataset{DATASET_ID}_Tiny"
 CASES = 5  # nnU-Net's 5-fold split: fold 0 validates on one case
@@ -99,15 +101,6 @@ def nnunet(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A test-sized network on 32^3: a second thread only adds its synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _seed(seed: int = 0) -> None:
@@ -271,7 +264,8 @@ def test_plan_command_writes_a_configuration_nnunet_reads(nnunet, trained, capsy
                  f"{gpu_gb * 0.1:.4f}", "--name", "3d_fullres_small", "--policies", '["none", "all"]']) == 0
     assert "added '3d_fullres_small'" in capsys.readouterr().out
     configuration = PlansManager(json.loads(open(path).read())).get_configuration("3d_fullres_small")
-    assert configuration.patch_size == source["patch_size"] and configuration.configuration["checkpoint_policy"] == "all"
+    assert configuration.patch_size == source["patch_size"]
+    assert configuration.configuration["checkpoint_policy"] == "all"
     assert configuration.data_identifier == source["data_identifier"]
     network = nnUNetTrainerCkpt.build_network_architecture(plans, configuration, 1, 3, True)
     assert network.checkpoint_policy == "all"

@@ -66,7 +66,8 @@ def nnunet_plans(root: str) -> dict:
     for label, (cls, kwargs) in planners.items():
         planner = cls(501, **kwargs)
         planner.plan_experiment()
-        out[label] = (PlansManager(planner.plans).get_configuration("3d_fullres").configuration, planner.plans_identifier)
+        configuration = PlansManager(planner.plans).get_configuration("3d_fullres").configuration
+        out[label] = (configuration, planner.plans_identifier)
     return out
 
 
@@ -87,13 +88,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for label, (c, _) in configs.items():
         arch = c["architecture"]
-        peaks = {p: predicted_step_peak(arch, c["patch_size"], c["batch_size"], 1, 3, p) for p in ("none", "cheap", "all")}
+        peaks = {p: predicted_step_peak(arch, c["patch_size"], c["batch_size"], 1, 3, p)
+                 for p in ("none", "cheap", "all")}
         with torch.device("meta"):
             params = sum(p.numel() for p in _network_factory(arch, 1, 3, "none")().parameters())
         plain = peaks["none"]
-        print(f"| {label} | {'x'.join(map(str, c['patch_size']))} | {c['batch_size']} | {arch['arch_kwargs']['n_stages']}"
-              f" | {params / 1e6:.0f}M | {plain / GiB:.2f} GiB | {peaks['cheap'] / GiB:.2f} GiB "
-              f"({peaks['cheap'] / plain:.0%}) | {peaks['all'] / GiB:.2f} GiB ({peaks['all'] / plain:.0%}) |", flush=True)
+        print(f"| {label} | {'x'.join(map(str, c['patch_size']))} | {c['batch_size']} | "
+              f"{arch['arch_kwargs']['n_stages']} | {params / 1e6:.0f}M | {plain / GiB:.2f} GiB | "
+              f"{peaks['cheap'] / GiB:.2f} GiB ({peaks['cheap'] / plain:.0%}) | {peaks['all'] / GiB:.2f} GiB "
+              f"({peaks['all'] / plain:.0%}) |", flush=True)
     source, _ = configs["ResEnc L (24 GB)"]
     print("\nplan_configuration from ResEnc L's 3d_fullres (headroom 10%):")
     print("| GPU | patch | voxels vs ResEnc L's | policy | predicted peak | without checkpointing |")

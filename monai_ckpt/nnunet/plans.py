@@ -155,8 +155,9 @@ def candidate_patches(spacing: Sequence[float], median_shape: Sequence[float]) -
 def _network_factory(architecture: dict, in_channels: int, num_classes: int, policy: PolicySpec,
                      deep_supervision: bool = True) -> Callable[[], nn.Module]:
     classes = nnunet_network_classes()
-    located = pydoc.locate(architecture["network_class_name"])
-    name = f"{located.__module__}.{located.__name__}" if isinstance(located, type) else architecture["network_class_name"]
+    name = architecture["network_class_name"]
+    located = pydoc.locate(name)
+    name = f"{located.__module__}.{located.__name__}" if isinstance(located, type) else name
     if name not in classes:
         raise ValueError(f"the plans name the network {architecture['network_class_name']!r}; the planner knows "
                          f"{sorted(classes)}.")
@@ -399,12 +400,16 @@ def run_plan(args: argparse.Namespace) -> int:
     source_patch = configuration["patch_size"]
     print(f"{name}: patch {'x'.join(map(str, plan.patch_size))} (the source's {'x'.join(map(str, source_patch))}: "
           f"{math.prod(plan.patch_size) / math.prod(source_patch):.2f}x the voxels), batch {plan.batch_size}, "
-          f"{plan.architecture['arch_kwargs']['n_stages']} stages, checkpoint_policy {json.dumps(plan.checkpoint_policy)}"
-          f": predicted peak {plan.predicted_peak_bytes / GiB:.2f} GiB of {plan.budget_bytes / GiB:.2f} GiB"
-          + ("" if plan.plain_peak_bytes is None else f" (without checkpointing {plan.plain_peak_bytes / GiB:.2f} GiB)"))
+          f"{plan.architecture['arch_kwargs']['n_stages']} stages, checkpoint_policy "
+          f"{json.dumps(plan.checkpoint_policy)}: predicted peak {plan.predicted_peak_bytes / GiB:.2f} GiB of "
+          f"{plan.budget_bytes / GiB:.2f} GiB"
+          + ("" if plan.plain_peak_bytes is None
+             else f" (without checkpointing {plan.plain_peak_bytes / GiB:.2f} GiB)"))
     if args.dry_run:
         return 0
-    command = " ".join(["python -m monai_ckpt.nnunet plan", *sys.argv[1:]]) if sys.argv[0].endswith("__main__.py") else ""
+    command = ""
+    if sys.argv[0].endswith("__main__.py"):
+        command = " ".join(["python -m monai_ckpt.nnunet", *sys.argv[1:]])
     try:
         write_configuration(path, name, args.configuration, plan, args.gpu_memory_gb, command)
     except ValueError as error:
@@ -414,5 +419,6 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"added {name!r} to {path}; train it with\n"
           f"  export nnUNet_extTrainer=$(python -m monai_ckpt.nnunet trainers-path)\n"
           f"  nnUNetv2_train {dataset_arg} {name} FOLD -tr nnUNetTrainerCkpt -p {path.stem}\n"
-          f"(it uses {args.configuration}'s preprocessed data: nnUNetv2_preprocess -c {args.configuration} if not done)")
+          f"(it uses {args.configuration}'s preprocessed data: nnUNetv2_preprocess -c {args.configuration} if "
+          "not done)")
     return 0

@@ -71,8 +71,8 @@ def checkpointed_network_from_plans(arch_class_name: str, arch_kwargs: dict, arc
     ours = nnunet_network_classes().get(name)
     if ours is None:
         raise ValueError(f"nnUNetTrainerCkpt checkpoints {sorted(nnunet_network_classes())}; these plans name "
-                         f"{arch_class_name!r}: train them with nnUNetTrainer, or plan with nnU-Net's default or ResEnc "
-                         "planners.")
+                         f"{arch_class_name!r}: train them with nnUNetTrainer, or plan with nnU-Net's default or "
+                         "ResEnc planners.")
     network = get_network_from_plans(f"{ours.__module__}.{ours.__name__}", arch_kwargs, arch_kwargs_req_import,
                                      input_channels, output_channels, allow_init=allow_init,
                                      deep_supervision=deep_supervision)
