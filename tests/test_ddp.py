@@ -39,6 +39,19 @@ RUNS = {
                   {"every": 2}, VOLUME),
 }
 
+try:  # nnU-Net's ResEnc network with its deep-supervision heads, where the optional extra is installed (CI has it)
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    from monai_ckpt.nnunet import CheckpointResidualEncoderUNet
+
+    RUNS["nnunet-resenc-ds"] = (ResidualEncoderUNet, CheckpointResidualEncoderUNet, dict(
+        input_channels=1, n_stages=3, features_per_stage=(4, 8, 16), conv_op=torch.nn.Conv3d, kernel_sizes=3,
+        strides=(1, 2, 2), n_blocks_per_stage=(1, 2, 2), num_classes=2, n_conv_per_stage_decoder=1, conv_bias=True,
+        norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"affine": True}, nonlin=torch.nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True}, deep_supervision=True), "all", VOLUME)
+except ModuleNotFoundError:
+    pass
+
 
 def _release() -> None:
     """End a worker's process group once its DDP modules are gone. A DDP module released after the group was
@@ -61,7 +74,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 for step in range(2):
                     torch.manual_seed(100 * step + rank)
                     x = torch.randn(*shape)
-                    net(x).square().mean().backward()
+                    out = net(x)
+                    sum(o.square().mean() for o in (out if isinstance(out, list) else [out])).backward()
                     opt.step()
                     opt.zero_grad()
                 results[(run, name)] = {k: v.clone() for k, v in net.module.state_dict().items()}

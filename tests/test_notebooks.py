@@ -20,6 +20,8 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_quick_mode(path, monkeypatch, tmp_path):
+    if path.stem.startswith("06"):  # nnU-Net is an optional extra (CI installs it)
+        pytest.importorskip("nnunetv2")
     monkeypatch.setenv("MONAI_CKPT_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny quick-mode tensors: threads cost more than they give
