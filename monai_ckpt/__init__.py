@@ -1,22 +1,43 @@
-"""monai-ckpt: correct, planned and measured gradient checkpointing for MONAI's 3D segmentation networks."""
+"""monai-ckpt: correct, planned and measured gradient checkpointing for MONAI's 3D segmentation networks.
 
-from .checkpoint import CHECKPOINT_MODES, CheckpointedSequential, checkpoint, checkpoint_submodules
-from .networks import (
-    CheckpointAttentionUnet,
-    CheckpointBasicUNet,
-    CheckpointBasicUNetPlusPlus,
-    CheckpointDynUNet,
-    CheckpointSegResNet,
-    CheckpointSegResNetDS,
-    CheckpointSwinUNETR,
-    CheckpointUNet,
-    CheckpointVNet,
-    InputShapeError,
-)
-from .planner import Plan, plan
-from .policies import CheckpointGroup, Segment, resolve_policy, validate_policy
+The public names are imported on first use (PEP 562), so that ``import monai_ckpt`` and the command lines'
+``--help`` do not pay for importing torch and MONAI.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_LAZY = {
+    "CHECKPOINT_MODES": ".checkpoint",
+    "CheckpointGroup": ".policies",
+    "CheckpointAttentionUnet": ".networks",
+    "CheckpointBasicUNet": ".networks",
+    "CheckpointBasicUNetPlusPlus": ".networks",
+    "CheckpointDynUNet": ".networks",
+    "CheckpointSegResNet": ".networks",
+    "CheckpointSegResNetDS": ".networks",
+    "CheckpointSwinUNETR": ".networks",
+    "CheckpointUNet": ".networks",
+    "CheckpointVNet": ".networks",
+    "CheckpointedSequential": ".checkpoint",
+    "InputShapeError": ".networks",
+    "Plan": ".planner",
+    "Segment": ".policies",
+    "checkpoint": ".checkpoint",
+    "checkpoint_submodules": ".checkpoint",
+    "disable_checkpointing": ".networks",
+    "enable_checkpointing": ".networks",
+    "plan": ".planner",
+    "resolve_policy": ".policies",
+    "validate_policy": ".policies",
+}
+_SUBMODULES = ("benchmark", "chain", "checkpoint", "data", "handlers", "io", "networks", "planner", "plots",
+               "policies", "profiling")
 
 __all__ = [
     "CHECKPOINT_MODES",
@@ -36,7 +57,45 @@ __all__ = [
     "Segment",
     "checkpoint",
     "checkpoint_submodules",
+    "disable_checkpointing",
+    "enable_checkpointing",
     "plan",
     "resolve_policy",
     "validate_policy",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # importing ``monai_ckpt.plan`` (the command line) later rebinds ``plan`` to that module, which plans when called
+    globals().setdefault(name, value)
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBMODULES})
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see (py.typed)
+    from .checkpoint import CHECKPOINT_MODES, CheckpointedSequential, checkpoint, checkpoint_submodules
+    from .networks import (
+        CheckpointAttentionUnet,
+        CheckpointBasicUNet,
+        CheckpointBasicUNetPlusPlus,
+        CheckpointDynUNet,
+        CheckpointSegResNet,
+        CheckpointSegResNetDS,
+        CheckpointSwinUNETR,
+        CheckpointUNet,
+        CheckpointVNet,
+        InputShapeError,
+        disable_checkpointing,
+        enable_checkpointing,
+    )
+    from .planner import Plan, plan
+    from .policies import CheckpointGroup, Segment, resolve_policy, validate_policy

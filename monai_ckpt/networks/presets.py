@@ -7,8 +7,10 @@ docs' scripts and the scenario presets pick it up.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "NATURAL_BLOCKS",
