@@ -6,8 +6,9 @@ The public names are imported on first use (PEP 562), so that ``import monai_ckp
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -36,8 +37,8 @@ _LAZY = {
     "resolve_policy": ".policies",
     "validate_policy": ".policies",
 }
-_SUBMODULES = ("benchmark", "chain", "checkpoint", "data", "handlers", "io", "networks", "planner", "plots",
-               "policies", "profiling")
+_SUBMODULES = ("arguments", "benchmark", "chain", "checkpoint", "data", "handlers", "io", "lazy", "networks",
+               "planner", "plots", "policies", "profiling")
 
 __all__ = [
     "CHECKPOINT_MODES",
@@ -65,21 +66,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    # importing ``monai_ckpt.plan`` (the command line) later rebinds ``plan`` to that module, which plans when called
-    globals().setdefault(name, value)
-    return globals()[name]
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__, *_SUBMODULES})
-
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see (py.typed)
     from .checkpoint import CHECKPOINT_MODES, CheckpointedSequential, checkpoint, checkpoint_submodules
