@@ -133,3 +133,26 @@ def test_inner_lists_are_groups_of_consecutive_blocks():
         validate_policy([[]])
     with pytest.raises(ValueError, match="lists of names"):
         validate_policy([["decoder0.0", 3]])
+
+
+@pytest.mark.parametrize("spec, meant", [("ALL", "all"), ("alll", "all"), ("Cheap", "cheap"), ("encoders", "encoder")])
+def test_a_near_miss_gets_did_you_mean_and_the_valid_list_once_and_short(spec, meant):
+    with pytest.raises(ValueError) as e:
+        validate_policy(spec)
+    message = str(e.value)
+    assert message.startswith(f"unknown checkpoint_policy {spec!r} (did you mean {meant!r}?); valid policies are ")
+    assert message.count("valid policies") == 1 and message.count("'sqrt'") == 1 and len(message) < 350
+
+
+def test_a_bad_budget_is_a_bad_value_not_an_unknown_policy():
+    with pytest.raises(ValueError, match=r"^bad checkpoint_policy \{'budget_gb': -1\}: 'budget_gb' must be a positive "
+                                         r"number of GiB, got -1\.$"):
+        validate_policy({"budget_gb": -1})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['optimiser'\] \(did you mean 'optimizer'"):
+        validate_policy({"budget_gb": 4, "optimiser": "sgd"})
+
+
+def test_more_segments_than_the_network_has_is_an_error():
+    with pytest.raises(ValueError, match=r"\{'segments': 9\} asks for more runs than this network has segments \(8\): "
+                                         r"give at most \{'segments': 8\}"):
+        resolve_policy({"segments": 9}, SEGS)
