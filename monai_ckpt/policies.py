@@ -137,6 +137,8 @@ def _unknown_keys(spec: dict, valid: Sequence[str]) -> ValueError:
     unknown = sorted(map(str, set(spec) - set(valid)))
     close = [difflib.get_close_matches(k, valid, n=1, cutoff=0.6) for k in unknown]
     hint = "".join(f" (did you mean {c[0]!r} for {k!r}?)" for k, c in zip(unknown, close) if c)
+    if "budget_gb" in spec:
+        return _bad_value(spec, f"a budget policy takes only {list(_BUDGET_KEYS)}, not {unknown}{hint}")
     return _bad_value(spec, f"unknown key(s) {unknown}{hint}; a policy dict takes one of 'every', 'segments', "
                             "'kind', 'names' (and an optional 'mode'), or 'budget_gb' (and optional 'optimizer', "
                             "'headroom_gb')")

@@ -148,7 +148,8 @@ def test_a_bad_budget_is_a_bad_value_not_an_unknown_policy():
     with pytest.raises(ValueError, match=r"^bad checkpoint_policy \{'budget_gb': -1\}: 'budget_gb' must be a positive "
                                          r"number of GiB, got -1\.$"):
         validate_policy({"budget_gb": -1})
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['optimiser'\] \(did you mean 'optimizer'"):
+    with pytest.raises(ValueError, match=r"takes only \['budget_gb', 'optimizer', 'headroom_gb'\], not \['optimiser'\] "
+                                         r"\(did you mean 'optimizer'"):
         validate_policy({"budget_gb": 4, "optimiser": "sgd"})
 
 
