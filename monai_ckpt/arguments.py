@@ -9,18 +9,27 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
-__all__ = ["DefaultsHelpFormatter", "output_file", "positive_float", "positive_int"]
+__all__ = ["DefaultsHelpFormatter", "non_negative_int", "output_file", "positive_float", "positive_int"]
+
+
+def _integer(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """An argparse type: a positive integer, or a one-line error that says so."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+    return _integer(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of 0 or more (a count that may be none), or a one-line error that says so."""
+    return _integer(text, 0, "an integer of 0 or more")
 
 
 def positive_float(text: str) -> float:

@@ -16,20 +16,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..arguments import DefaultsHelpFormatter, positive_float, positive_int
+from ..arguments import DefaultsHelpFormatter, non_negative_int, positive_float, positive_int
 
 __all__ = ["main"]
-
-
-def _count(text: str) -> int:
-    """An argparse type: a number of cases, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer of 0 or more, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer of 0 or more, got {text!r}")
-    return value
 
 
 def _classes(text: str) -> int:
@@ -49,14 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="folder with the MNI ICBM152 2009a files and NOTICE.md")
     p.add_argument("--output", required=True, help="the dataset folder to write")
     p.add_argument("--num-training", type=positive_int, default=6, help="labelled subjects")
-    p.add_argument("--num-test", type=_count, default=2, help="unlabelled subjects")
+    p.add_argument("--num-test", type=non_negative_int, default=2, help="unlabelled subjects")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--spacing", type=positive_float, default=2.0, help="voxel size, mm")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     p = sub.add_parser("synthetic", formatter_class=DefaultsHelpFormatter, help="tiny nested-ellipsoid volumes")
     p.add_argument("--output", required=True, help="the dataset folder to write")
     p.add_argument("--num-training", type=positive_int, default=3, help="labelled volumes")
-    p.add_argument("--num-test", type=_count, default=1, help="unlabelled volumes")
+    p.add_argument("--num-test", type=non_negative_int, default=1, help="unlabelled volumes")
     p.add_argument("--shape", type=positive_int, nargs=3, default=[32, 32, 32], help="spatial size")
     p.add_argument("--num-classes", type=_classes, default=4, help="classes, background included")
     p.add_argument("--seed", type=int, default=0, help="random seed")
