@@ -29,7 +29,9 @@ def lazy_attributes(
     Returns:
         (``__getattr__``, ``__dir__``): a name is imported on first access and then bound in the package, so later
         accesses cost nothing; a submodule imported later under the same name (``monai_ckpt.plan``) replaces it,
-        as an eager ``from .x import name`` would be replaced.
+        as an eager ``from .x import name`` would be replaced. ``dir()`` lists the public names, and the submodules
+        imported so far, as for an eager package (tools that walk ``dir()``, such as MONAI's bundle
+        ``ComponentLocator``, import no more than they did).
     """
 
     def __getattr__(name: str) -> Any:
@@ -42,6 +44,6 @@ def lazy_attributes(
         return vars(sys.modules[package]).setdefault(name, value)
 
     def __dir__() -> list[str]:
-        return sorted({*vars(sys.modules[package]), *names, *submodules})
+        return sorted({*vars(sys.modules[package]), *names})
 
     return __getattr__, __dir__
