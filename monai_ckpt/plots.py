@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from .profiling import BlockCost, MiB
 
-__all__ = ["TradeoffPoint", "plot_benchmark"]
+__all__ = ["TradeoffPoint", "mib_text", "plot_benchmark"]
 
 
 class TradeoffPoint(Protocol):
