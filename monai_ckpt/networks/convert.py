@@ -57,7 +57,7 @@ def _unsupported(net: object, what: str) -> TypeError:
     elif hasattr(net, "_orig_mod"):
         why = f"{cls.__name__} is a compiled network: call it on the network before torch.compile"
     else:
-        why = f"{cls.__name__} is not one of MONAI's {_supported()}"
+        why = f"{cls.__name__} is not one of them"
     return TypeError(
         f"{what} works on an instance of exactly one of MONAI's {_supported()}; {why}. To checkpoint chosen blocks "
         "of any network in place, use monai_ckpt.checkpoint_submodules(net) (MONAI's natural blocks), or "
