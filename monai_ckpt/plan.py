@@ -19,30 +19,38 @@ import sys
 import types
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
+from .arguments import DefaultsHelpFormatter, output_file, positive_float, positive_int
 from .networks import presets
-from .networks.presets import NETWORKS, positive_int, shape_error
-from .planner import (
-    DEFAULT_BUDGETS_GB,
-    capacity_table,
-    format_capacity_table,
-    max_batch_size,
-    max_patch_edge,
-    plan,
-)
+from .networks.presets import NETWORKS, shape_error
+
+if TYPE_CHECKING:
+    from .planner import capacity_table, format_capacity_table, max_batch_size, max_patch_edge, plan
+
+# the planner's functions this command line calls: imported when it runs, not for --help (torch and MONAI take
+# seconds to import); `_import_planner` binds them here, leaving any that a test has replaced
+_PLANNER_NAMES = ("DEFAULT_BUDGETS_GB", "capacity_table", "format_capacity_table", "max_batch_size", "max_patch_edge",
+                  "plan")
+# planner.DEFAULT_BUDGETS_GB, for --help without importing the planner (tests/test_cli_help.py checks they agree)
+_TABLE_BUDGETS_GB = (8, 10, 12, 16, 24, 32, 40, 48, 80)
+
+
+def _import_planner() -> None:
+    from . import planner
+
+    for name in _PLANNER_NAMES:
+        globals().setdefault(name, getattr(planner, name))
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PLANNER_NAMES:
+        _import_planner()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 LOSSES = ("mean-square", "dice", "dicece", "dicefocal")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
 
 
 def _loss(name: str):  # noqa: ANN202
@@ -69,26 +77,28 @@ def _progress(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m monai_ckpt.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--network", default="unet", choices=sorted(NETWORKS),
-                        help="the benchmark's configuration of that network (see docs/benchmarks/)")
-    parser.add_argument("--budget-gb", type=_positive_float, help="memory for one training step, GiB")
+    parser = argparse.ArgumentParser(prog="python -m monai_ckpt.plan", description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--network", default="unet", choices=sorted(NETWORKS), metavar="NAME",
+                        help=f"the benchmark's configuration of that network: {', '.join(NETWORKS)}")
+    parser.add_argument("--budget-gb", type=positive_float, help="memory for one training step, GiB")
     parser.add_argument("--shape", type=int, nargs="+", help="patch, D H W (or H W)")
-    parser.add_argument("--batch", type=positive_int, default=1)
-    parser.add_argument("--in-channels", type=positive_int, default=1)
+    parser.add_argument("--batch", type=positive_int, default=1, help="batch size")
+    parser.add_argument("--in-channels", type=positive_int, default=1, help="input channels")
     parser.add_argument("--out-channels", type=positive_int, help="classes (default: the preset's 2)")
     parser.add_argument("--loss", default="mean-square", choices=LOSSES,
                         help="the step's loss: MONAI's Dice/DiceCE/DiceFocal on an integer label map, or mean(out**2)")
-    parser.add_argument("--headroom-gb", type=_positive_float,
+    parser.add_argument("--headroom-gb", type=positive_float,
                         help="of the budget, what the device needs beyond tensors (default: none on the CPU)")
     parser.add_argument("--spatial-dims", type=int, choices=(2, 3), help="without --shape: 2 or 3 (default 3)")
     parser.add_argument("--amp", action="store_true", help="autocast in the forward (bf16 on CPU, fp16 on CUDA)")
-    parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "none"))
+    parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "none"),
+                        help="whose state the step keeps")
     parser.add_argument("--table", action="store_true", help="largest cubic patch per budget, without and with "
                         "checkpointing and AMP")
-    parser.add_argument("--budgets", type=_positive_float, nargs="+", default=list(DEFAULT_BUDGETS_GB),
-                        help="budgets of --table")
-    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    parser.add_argument("--budgets", type=positive_float, nargs="+", default=list(_TABLE_BUDGETS_GB),
+                        help="budgets of --table, GiB")
+    parser.add_argument("--json", metavar="FILE", type=output_file(), help="also write the result as JSON")
     args = parser.parse_args(argv)
     if args.shape and args.spatial_dims and len(args.shape) != args.spatial_dims:
         parser.error(f"--spatial-dims {args.spatial_dims} contradicts --shape {' '.join(map(str, args.shape))} "
@@ -102,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --budget-gb (or --table)")
     if args.headroom_gb and args.headroom_gb >= args.budget_gb:
         parser.error(f"--headroom-gb {args.headroom_gb} leaves nothing of --budget-gb {args.budget_gb} for tensors")
+    _import_planner()
     dims = len(args.shape) if args.shape else args.spatial_dims or 3
     net = network_factory(args.network, dims, args.in_channels, args.out_channels)()
     make_loss = _loss(args.loss)
@@ -151,6 +162,8 @@ class _PlanModule(types.ModuleType):
     it as ``monai_ckpt.plan``, over the function of that name: calling it still plans."""
 
     def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204 - plan()'s own signature
+        from .planner import plan
+
         return plan(*args, **kwargs)
 
 

@@ -11,6 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "monai_ckpt"
 # modules of the same rank know nothing of each other (profiling measures any network without importing one).
 RANKS = {
     "monai_ckpt.io": 0,
+    "monai_ckpt.arguments": 0,
+    "monai_ckpt.lazy": 0,
     "monai_ckpt.checkpoint": 0,
     "monai_ckpt.policies": 1,
     "monai_ckpt.chain": 2,

@@ -78,7 +78,8 @@ def test_truncated_image_and_wrong_label_shape_are_one_clear_message(tmp_path):
 def test_bad_checkpoint_policy_is_one_clear_message(tmp_path):
     data = make_synthetic_dataset(tmp_path / "data", num_training=2, num_test=1, shape=(16, 16, 16), num_classes=4)
     last = _report(tmp_path, data, checkpoint_policy="alll").splitlines()[-1]
-    assert last.startswith("error: ValueError: unknown checkpoint_policy 'alll'; valid policies are 'none', 'all'")
+    assert last.startswith("error: ValueError: unknown checkpoint_policy 'alll' (did you mean 'all'?); valid policies "
+                           "are 'none', 'all'")
 
 
 def test_a_bug_keeps_its_traceback():

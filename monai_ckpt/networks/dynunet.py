@@ -129,7 +129,7 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
             spatial_dims, in_channels, out_channels, kernel_size, strides, upsample_kernel_size, filters, dropout,
             norm_name, act_name, deep_supervision, deep_supr_num, res_block, trans_bias,
         )  # fmt: skip
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
 
     def _n_heads(self) -> int:
         return self.deep_supr_num if self.deep_supervision else 0

@@ -104,7 +104,7 @@ class CheckpointSegResNet(CheckpointPolicyMixin, SegResNet):
             spatial_dims, init_filters, in_channels, out_channels, dropout_prob, act, norm, norm_name, num_groups,
             use_conv_final, blocks_down, blocks_up, upsample_mode,
         )  # fmt: skip
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
 
     def _chain_steps(self) -> list[ChainStep]:
         n = len(self.down_layers)

@@ -86,7 +86,7 @@ class CheckpointSegResNetDS(CheckpointPolicyMixin, SegResNetDS):
     ) -> None:
         super().__init__(spatial_dims, init_filters, in_channels, out_channels, act, norm, blocks_down, blocks_up,
                          dsdepth, preprocess, upsample_mode, resolution)
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
 
     def _has_head(self, j: int) -> bool:
         """Whether up layer ``j`` (bottom first) has a head the parent returns (its own test)."""

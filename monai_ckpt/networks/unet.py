@@ -110,7 +110,7 @@ class CheckpointUNet(CheckpointPolicyMixin, UNet):
             spatial_dims, in_channels, out_channels, channels, strides, kernel_size, up_kernel_size,
             num_res_units, act, norm, dropout, bias, adn_ordering,
         )  # fmt: skip
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
 
     def _levels(self) -> list[nn.Sequential]:
         levels = [self.model]
