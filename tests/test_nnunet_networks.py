@@ -17,6 +17,7 @@ import re
 import pytest
 import torch
 
+pytestmark = pytest.mark.nnunet  # CI runs these where the optional extra is installed (.ci/run)
 pytest.importorskip("dynamic_network_architectures")
 
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet  # noqa: E402

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 
+# CI runs these where the optional extra is installed (.ci/run); one pytest-xdist worker makes the module fixtures once
+pytestmark = [pytest.mark.nnunet, pytest.mark.xdist_group("nnunet_pipeline")]
 pytest.importorskip("nnunetv2")
 nib = pytest.importorskip("nibabel")
 

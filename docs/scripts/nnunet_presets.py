@@ -1,4 +1,4 @@
-"""docs/nnunet.md: nnU-Net's own plans (default, ResEnc M/L/XL, and ResEnc-L's plan for a 48 GB GPU) for an abdominal CT
+"""docs/guide/nnunet.md: nnU-Net's own plans (default, ResEnc M/L/XL, and ResEnc-L's plan for a 48 GB GPU) for an abdominal CT
 fingerprint, the predicted peak of one nnUNetTrainer step of each (bf16 autocast, nnU-Net's deep-supervision DC+CE
 loss, SGD with momentum, fake tensors: nothing allocated) without checkpointing and with our policies, what
 ``python -m monai_ckpt.nnunet plan`` chooses for 12, 16 and 24 GiB GPUs from ResEnc-L's plans, and CPU step-time
