@@ -13,7 +13,7 @@ from .networks import (
     CheckpointVNet,
     InputShapeError,
 )
-from .planner import Plan, plan
+from .planner import InferencePlan, Plan, plan, plan_inference
 from .policies import CheckpointGroup, Segment, resolve_policy, validate_policy
 
 __version__ = "0.1.0"
@@ -31,12 +31,14 @@ __all__ = [
     "CheckpointUNet",
     "CheckpointVNet",
     "CheckpointedSequential",
+    "InferencePlan",
     "InputShapeError",
     "Plan",
     "Segment",
     "checkpoint",
     "checkpoint_submodules",
     "plan",
+    "plan_inference",
     "resolve_policy",
     "validate_policy",
 ]

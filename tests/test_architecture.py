@@ -22,6 +22,7 @@ RANKS = {
     "monai_ckpt.benchmark": 6,
     "monai_ckpt.plan": 6,
     "monai_ckpt.handlers": 6,
+    "monai_ckpt.inferers": 6,
     "monai_ckpt": 9,
 }
 # The one upward arrow: a {"budget_gb": X} policy plans on the first training forward (imported there, lazily).
