@@ -42,7 +42,7 @@ from torch import nn
 from ..profiling import device_clock, sliding_window_memory, window_batches, window_positions
 from ..profiling.sliding_window import SlidingWindowMemory, autocast_dtype
 from .device import budget_bytes, headroom_bytes
-from .result import GiB, format_size
+from .result import format_size
 
 __all__ = ["NOMINAL_BYTES_PER_S", "SW_BATCH_SIZES", "InferencePlan", "plan_inference"]
 
@@ -296,7 +296,7 @@ def plan_inference(
     image_device: str | torch.device | None = None,
     host_budget_gb: float | None = None,
     headroom_gb: float | None = None,
-    sw_batch_sizes: Sequence[int] = SW_BATCH_SIZES,
+    sw_batch_sizes: Sequence[int] | None = None,
     image_dtype: torch.dtype = torch.float32,
     progress: bool | Callable[[str], None] = False,
 ) -> InferencePlan:
@@ -321,7 +321,7 @@ def plan_inference(
             no limit (its peak is reported).
         headroom_gb: what of ``budget_gb`` the device needs beyond live tensors; default as `monai_ckpt.plan`:
             on CUDA 10% of the budget and at least 0.25 GiB, on the CPU none.
-        sw_batch_sizes: the window batches considered.
+        sw_batch_sizes: the window batches considered (default `SW_BATCH_SIZES`: 1, 2, 4, ... 32).
         image_dtype: the image's dtype (MONAI stitches in it).
         progress: report the search on stderr (True) or to a callable.
 
@@ -365,10 +365,13 @@ def plan_inference(
     host_budget = budget_bytes(host_budget_gb) if host_budget_gb is not None else None
     headroom = headroom_bytes(headroom_gb, budget, windows)
     limit = budget - headroom
+    if limit <= 0:
+        raise ValueError(f"nothing fits: the budget of {budget_gb} GiB is all headroom on {windows} ({format_size(headroom)}: "
+                         f"allocator rounding, cuDNN workspaces); give a larger budget, or headroom_gb below it.")
     if amp not in (False, True, "always"):
         raise ValueError(f"amp must be False, True (autocast allowed) or 'always', got {amp!r}.")
     amps = (False,) if amp is False else (True,) if amp == "always" else (False, True)
-    sizes = sorted({int(b) for b in sw_batch_sizes if int(b) >= 1})
+    sizes = sorted({int(b) for b in (SW_BATCH_SIZES if sw_batch_sizes is None else sw_batch_sizes) if int(b) >= 1})
     if not sizes:
         raise ValueError(f"sw_batch_sizes must hold positive integers, got {sw_batch_sizes!r}.")
 
@@ -518,7 +521,8 @@ def plan_inference(
     elif not rejected:
         reason = "the fastest predicted setting, and it fits"
     else:
-        reason = "the fastest predicted setting that fits; faster but over budget: " + "; ".join(rejected)
+        more = f"; and {len(rejected) - 3} more" if len(rejected) > 3 else ""
+        reason = "the fastest predicted setting that fits; faster but over budget: " + "; ".join(rejected[:3]) + more
     if timer.available:
         clock = "process CPU time" if windows.type == "cpu" else "CUDA wall time"
         timed_on = f"forwards timed on {w_name} ({clock}), stitching at measured rates"

@@ -160,6 +160,8 @@ class SlidingWindowMemory:
         output_shape: the stitched output (batch, classes, *spatial) of the first output.
         output_dtype: its dtype (the image's).
         window_output_dtype: the dtype of the network's window outputs (autocast's under ``amp``).
+        measured_calls: the network calls the measured run made (fewer than ``calls`` where the shortcut left
+            repeated window batches out).
     """
 
     peaks: dict[str, int]
@@ -169,6 +171,7 @@ class SlidingWindowMemory:
     output_shape: tuple[int, ...] = ()
     output_dtype: torch.dtype = torch.float32
     window_output_dtype: torch.dtype = torch.float32
+    measured_calls: int = 0
     profiles: dict = field(default_factory=dict, repr=False)
 
 
@@ -218,9 +221,11 @@ def window_positions(image_shape: Sequence[int], roi_size: Sequence[int],
     return tuple(len({int(w[d][0]) for w in slices}) for d in range(len(roi)))
 
 
-def _kept_windows(slices: Any, batch: int, sw_batch_size: int, buffer_dim: int | None) -> Any:
+def _kept_windows(slices: Any, sw_batch_size: int, buffer_dim: int | None) -> Any:
     """The windows the shortcut keeps (see the module's docstring): the same windows when they are few."""
-    keep = lambda n: n if n <= 3 * sw_batch_size else n % sw_batch_size + 2 * sw_batch_size  # noqa: E731
+    def keep(n: int) -> int:
+        return n if n <= 3 * sw_batch_size else n % sw_batch_size + 2 * sw_batch_size
+
     if buffer_dim is None:
         return slices[: keep(len(slices))]
     import numpy as np
@@ -232,12 +237,12 @@ def _kept_windows(slices: Any, batch: int, sw_batch_size: int, buffer_dim: int |
 
 
 @contextlib.contextmanager
-def _windows_cut(batch: int, sw_batch_size: int, buffer_dim: int | None) -> Iterator[None]:
+def _windows_cut(sw_batch_size: int, buffer_dim: int | None) -> Iterator[None]:
     from monai.data.utils import dense_patch_slices
     from monai.inferers import utils as sw
 
     def cut(*args: Any, **kwargs: Any) -> Any:
-        return _kept_windows(dense_patch_slices(*args, **kwargs), batch, sw_batch_size, buffer_dim)
+        return _kept_windows(dense_patch_slices(*args, **kwargs), sw_batch_size, buffer_dim)
 
     with mock.patch.object(sw, "dense_patch_slices", cut):
         yield
@@ -367,8 +372,7 @@ def sliding_window_memory(
         tracker = step_tracker()()
         tracker.track_external(model, image, *(() if weights is None else (weights,)))
         predictor = _Predictor(model, replay if shortcut else None, tracker, place(sw_dev))
-        cut = _windows_cut(int(image_shape[0]), sw_batch_size,
-                           (buffer_dim + dims if buffer_dim < 0 else buffer_dim) if buffered else None)
+        cut = _windows_cut(sw_batch_size, (buffer_dim + dims if buffer_dim < 0 else buffer_dim) if buffered else None)
         with tracker, cut if shortcut else contextlib.nullcontext(), torch.no_grad(), torch.autocast(
                 place(sw_dev).type, dtype=autocast_dtype(place(sw_dev)), enabled=amp):
             out = sliding_window_inference(
@@ -385,4 +389,4 @@ def sliding_window_memory(
     for d, v in peak.items():
         peaks[names.get(d, str(d))] = v
     return SlidingWindowMemory(peaks, windows, calls, slabs, output_shape, output_dtype, window_dtype,
-                               profiles)
+                               predictor.calls, profiles)
