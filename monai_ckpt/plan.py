@@ -203,7 +203,9 @@ def inference_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             print(p)
         rows.append({"budget_gb": budget, **{k: v for k, v in asdict(p).items() if k != "considered"}})
     if args.table:
-        size = lambda b: format_size(b) if b is not None else "-"  # noqa: E731
+        def size(nbytes: int | None) -> str:
+            return format_size(nbytes) if nbytes else "-"
+
         print(f"{args.network}, {args.out_channels or 2} classes, image {image}, roi {tuple(args.roi)}, overlap "
               f"{args.overlap}, {args.mode}")
         print("| budget | MONAI's defaults: peak (fits?) | plan | plan: peak on the device | on the host |")

@@ -13,9 +13,10 @@ How it chooses:
 1. The least memory on the windows' device (one window at a time, the output stitched on the host when the
    windows run on a GPU; autocast when allowed): if even that does not fit, a ``ValueError`` gives its peak.
 2. ``sw_batch_size`` 1, 2, 4, ...: each size whose least-memory setting fits is timed for real on the windows'
-   device (a forward of that many windows, median of a few after a warm-up: CPU process time, or CUDA wall time),
-   and the doubling stops where the time per window no longer drops by 5% (a larger batch then only costs
-   memory), or where nothing fits. Where the windows' device is not here (planning for CUDA on a CPU machine),
+   device against the last size kept (a forward of that many windows, interleaved, the fastest of 3 rounds after a
+   warm-up: CPU process time, or CUDA wall time); a size is kept where its time per window drops by 5% (else a
+   larger batch only costs memory), and the doubling stops after two sizes in a row that do not, or where nothing
+   fits. Where the windows' device is not here (planning for CUDA on a CPU machine),
    nothing is timed and ``sw_batch_size`` stays 1.
 3. Every combination of those batch sizes, autocast (when allowed) and stitching (on the windows' device; on
    the host window by window; on the host through buffers of 1, 2, 4, ... rows along each dimension) gets a
@@ -33,6 +34,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -134,7 +137,9 @@ class InferencePlan:
 
         def peaks(peak: int, host_peak: int | None) -> str:
             text = f"{format_size(peak)} on {self.sw_device}"
-            return text + (f", {format_size(host_peak)} on the host" if host_peak is not None else "")
+            if host_peak is None:
+                return text
+            return text + (f", {format_size(host_peak)} on the host" if host_peak else ", nothing on the host")
 
         default_fits = self.default_peak_bytes <= tensors and (
             self.host_budget_bytes is None or (self.default_host_peak_bytes or 0) <= self.host_budget_bytes)
@@ -145,7 +150,7 @@ class InferencePlan:
             f"image {self.image_shape}, roi {self.roi_size}, overlap {self.overlap}, mode {self.mode}: "
             f"{self.windows} windows per image; stitched output and count map {format_size(self.output_bytes)}",
             f"budget {format_size(self.budget_bytes)} on {self.sw_device}{headroom}{host_budget}",
-            f"MONAI's defaults (sw_batch_size=1, everything on {self.sw_device}): peak "
+            f"MONAI's defaults (sw_batch_size=1, the output on {self.sw_device}): peak "
             f"{peaks(self.default_peak_bytes, self.default_host_peak_bytes)} "
             f"({'fits' if default_fits else 'does NOT fit'})",
             f"plan: peak {peaks(self.peak_bytes, self.host_peak_bytes)}; {time_text}",
@@ -199,7 +204,7 @@ class _Timer:
 
     def __init__(self, network: nn.Module, windows: torch.device) -> None:
         here = next((p.device for p in network.parameters()), torch.device("cpu"))
-        self.network, self.windows = network, windows
+        self.network_ref, self.windows = weakref.ref(network), windows  # kept timings must not keep a network
         self.available = here.type == windows.type and (windows.index is None or here.index == windows.index)
         self.clock = device_clock(windows) if self.available else time.perf_counter
         self.host_clock = device_clock("cpu") if windows.type == "cpu" else time.perf_counter
@@ -209,10 +214,12 @@ class _Timer:
     def time_forwards(self, batches: Sequence[tuple[int, bool]], channels: int, roi: tuple[int, ...],
                       rounds: int = 3) -> None:
         """Times a forward of each (window batch, autocast) on real random windows, interleaved in one process
-        (every round runs each in turn, the order rotating; one warm-up round), and keeps each median."""
-        device = next((p.device for p in self.network.parameters()), self.windows)
-        training = self.network.training
-        self.network.eval()
+        (every round runs each in turn, the order rotating; one warm-up round), and keeps each one's fastest
+        round: other processes on a shared machine only ever add to a time."""
+        network = self.network_ref()
+        device = next((p.device for p in network.parameters()), self.windows)
+        training = network.training
+        network.eval()
         times: dict[tuple[int, bool], list[float]] = {key: [] for key in batches}
         try:
             inputs = {b: torch.randn((b, channels, *roi), device=device) for b, _ in batches}
@@ -222,12 +229,12 @@ class _Timer:
                         b, amp = batches[(r + k) % len(batches)]
                         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
                             t0 = self.clock()
-                            self.network(inputs[b])
+                            network(inputs[b])
                             if r:
                                 times[(b, amp)].append(self.clock() - t0)
         finally:
-            self.network.train(training)
-        self.forwards.update({key: statistics.median(t) for key, t in times.items()})
+            network.train(training)
+        self.forwards.update({key: min(t) for key, t in times.items()})
 
     def rate(self, where: str) -> float:
         """Bytes per second of an in-place addition on ``where`` ("windows", "host") or of a copy to the host
@@ -250,6 +257,22 @@ class _Timer:
                         times.append(clock() - t0)
                 self.rates[where] = a.nbytes / max(statistics.median(times), 1e-9)
         return self.rates[where]
+
+
+_KEPT: OrderedDict[tuple, tuple[_Timer, dict]] = OrderedDict()  # the last few networks' timings and forward
+# profiles: they depend on the window, not on the image, so an inferer's later image shapes reuse them
+
+
+def _kept(network: nn.Module, windows: torch.device, roi: tuple[int, ...], channels: int,
+          dtype: torch.dtype) -> tuple[_Timer, dict]:
+    key = (id(network), type(network).__qualname__, tuple((tuple(p.shape), p.dtype, p.device) for p in
+                                                          network.parameters()), str(windows), roi, channels, dtype)
+    if key not in _KEPT or _KEPT[key][0].network_ref() is not network:
+        _KEPT[key] = (_Timer(network, windows), {})
+        while len(_KEPT) > 4:
+            _KEPT.popitem(last=False)
+    _KEPT.move_to_end(key)
+    return _KEPT[key]
 
 
 def _stitch_seconds(s: _Setting, calls: tuple[int, ...], slabs: tuple[tuple[int, ...], ...], windows: int,
@@ -376,7 +399,7 @@ def plan_inference(
         raise ValueError(f"sw_batch_sizes must hold positive integers, got {sw_batch_sizes!r}.")
 
     w_name, host_name = str(windows), "cpu"
-    profiles: dict = {}
+    timer, profiles = _kept(network, windows, roi, image[1], image_dtype)
     measured: dict[_Setting, SlidingWindowMemory] = {}
     common = dict(overlap=overlap, mode=mode, sigma_scale=sigma_scale, padding_mode=padding_mode, cval=cval,
                   image_dtype=image_dtype, profiles=profiles)
@@ -414,7 +437,6 @@ def plan_inference(
             f"of {budget_gb} GiB leaves for tensors" + (f" (headroom {format_size(headroom)})" if headroom else "")
             + ". Give a larger budget, a smaller roi, or (where it is not on already) amp=True.")
 
-    timer = _Timer(network, windows)
     positions = window_positions(image, roi, overlap)
     roi_voxels = math.prod(roi)
     first = measure(least_peak)
@@ -422,7 +444,9 @@ def plan_inference(
     batch_sizes = [1]
     if timer.available:
         report(f"timing the network's forward on {w_name}")
-        timer.time_forwards([(1, a) for a in amps], image[1], roi)
+        if any((1, a) not in timer.forwards for a in amps):
+            timer.time_forwards([(1, a) for a in amps], image[1], roi)
+    misses = 0
     for b in sizes:
         if b == 1 or b > total_windows or not timer.available:
             continue
@@ -430,13 +454,16 @@ def plan_inference(
             break
         last = batch_sizes[-1]
         report(f"timing sw_batch_size {b} against {last}")
-        timer.time_forwards([(n, a) for n in (last, b) for a in amps], image[1], roi)
-        if min(timer.forwards[(b, a)] for a in amps) / b >= TIME_GAIN * min(timer.forwards[(last, a)] for a in amps) / last:
-            del_keys = [(b, a) for a in amps]
-            for key in del_keys:
-                del timer.forwards[key]
-            break
-        batch_sizes.append(b)
+        pair = [(n, a) for n in (last, b) for a in amps]
+        if any(key not in timer.forwards for key in pair):
+            timer.time_forwards(pair, image[1], roi)
+        if min(timer.forwards[(b, a)] for a in amps) / b < TIME_GAIN * min(timer.forwards[(last, a)] for a in amps) / last:
+            batch_sizes.append(b)
+            misses = 0
+        else:
+            misses += 1
+            if misses == 2:  # one miss may be another process's noise; two in a row end the doubling
+                break
 
     classes = first.output_shape[1]
     out_bytes = torch.empty((), dtype=first.output_dtype).element_size()

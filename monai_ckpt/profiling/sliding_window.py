@@ -237,6 +237,21 @@ def _kept_windows(slices: Any, sw_batch_size: int, buffer_dim: int | None) -> An
 
 
 @contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """A window the network cannot take fails on fake tensors as on real ones (the caller says so); torch's fake
+    tensor module would also log the failed operator's traceback at ERROR."""
+    import logging
+
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
 def _windows_cut(sw_batch_size: int, buffer_dim: int | None) -> Iterator[None]:
     from monai.data.utils import dense_patch_slices
     from monai.inferers import utils as sw
@@ -350,7 +365,7 @@ def sliding_window_memory(
     weights = None
     if estimate:  # MONAI's importance map reads a value (.item()): made for real, alive all the call as in MONAI
         weights = compute_importance_map(roi, mode=mode, sigma_scale=sigma_scale, device="cpu", dtype=image_dtype)
-    with fake_mode() if estimate else contextlib.nullcontext() as mode_:
+    with _quiet_fake_tensor_log(), fake_mode() if estimate else contextlib.nullcontext() as mode_:
         model = replica(network) if estimate else network
         model.eval()
         if weights is not None:
