@@ -447,8 +447,8 @@ def plan_inference(
         if any((1, a) not in timer.forwards for a in amps):
             timer.time_forwards([(1, a) for a in amps], image[1], roi)
     misses = 0
-    for b in sizes:
-        if b == 1 or b > total_windows or not timer.available:
+    for b in sorted({min(b, total_windows) for b in sizes}):  # a batch of more windows than there are is all of them
+        if b == 1 or not timer.available:
             continue
         if not fits(_Setting(b, least_stitch, amp=least_peak.amp)):
             break

@@ -332,7 +332,8 @@ def sliding_window_memory(
             must be on ``sw_device``; a ``"meta"`` output device counts the host's tensors without allocating).
         every_window: with ``estimate``, run the network on every window (no shortcut): the reference the
             shortcut is checked against.
-        profiles: a dict kept between calls: the network's measured calls by input shape (see `network_call`).
+        profiles: a dict kept between calls for this network: its measured forwards by input shape (see
+            `network_call`), so that each is measured once.
 
     Returns:
         a `SlidingWindowMemory`.
@@ -365,9 +366,10 @@ def sliding_window_memory(
     weights = None
     if estimate:  # MONAI's importance map reads a value (.item()): made for real, alive all the call as in MONAI
         weights = compute_importance_map(roi, mode=mode, sigma_scale=sigma_scale, device="cpu", dtype=image_dtype)
+    training = network.training
     with _quiet_fake_tensor_log(), fake_mode() if estimate else contextlib.nullcontext() as mode_:
         model = replica(network) if estimate else network
-        model.eval()
+        model.eval()  # the real network's mode is restored below
         if weights is not None:
             weights = mode_.from_tensor(weights).to(place(sw_dev))
         image = torch.zeros(tuple(image_shape), dtype=image_dtype, device=place(image_dev))
@@ -388,12 +390,15 @@ def sliding_window_memory(
         tracker.track_external(model, image, *(() if weights is None else (weights,)))
         predictor = _Predictor(model, replay if shortcut else None, tracker, place(sw_dev))
         cut = _windows_cut(sw_batch_size, (buffer_dim + dims if buffer_dim < 0 else buffer_dim) if buffered else None)
-        with tracker, cut if shortcut else contextlib.nullcontext(), torch.no_grad(), torch.autocast(
-                place(sw_dev).type, dtype=autocast_dtype(place(sw_dev)), enabled=amp):
-            out = sliding_window_inference(
-                image, roi, sw_batch_size, predictor, overlap, mode, sigma_scale, padding_mode, cval,
-                place(sw_dev), place(out_dev), False, weights, None, buffer_steps, buffer_dim)
-            peak = _device_totals(tracker.get_tracker_snapshot("peak"))
+        try:
+            with tracker, cut if shortcut else contextlib.nullcontext(), torch.no_grad(), torch.autocast(
+                    place(sw_dev).type, dtype=autocast_dtype(place(sw_dev)), enabled=amp):
+                out = sliding_window_inference(
+                    image, roi, sw_batch_size, predictor, overlap, mode, sigma_scale, padding_mode, cval,
+                    place(sw_dev), place(out_dev), False, weights, None, buffer_steps, buffer_dim)
+                peak = _device_totals(tracker.get_tracker_snapshot("peak"))
+        finally:
+            network.train(training)
         first = out[0] if isinstance(out, (list, tuple)) else next(iter(out.values())) if isinstance(out, dict) else out
         output_shape, output_dtype = tuple(first.shape), first.dtype
         window_dtype = predictor.out_dtype or output_dtype
