@@ -39,7 +39,8 @@ roi, overlap, mode = tuple(inferer.roi_size), inferer.overlap, str(inferer.mode.
 data_dir = config.get_parsed_content("dataset_dir")
 items = (load_decathlon_datalist(f"{data_dir}/dataset.json", True, "training", data_dir)
          + [{"image": d["image"]} for d in config.get_parsed_content("datalist")])
-label_pipe = [LoadImage(image_only=True), EnsureChannelFirst(), Orientation("RAS"), Spacing(config["spacing"], mode="nearest")]
+label_pipe = [LoadImage(image_only=True), EnsureChannelFirst(), Orientation("RAS"),
+              Spacing(config["spacing"], mode="nearest")]
 
 
 def labels(path):

@@ -4,8 +4,9 @@ The brain-tissue bundle's inference: its UNet (8, 16, 32, 64 channels, instance 
 image through its own preprocessing (2 mm, (1, 1, 97, 115, 97)), its inferer's window (48^3, overlap 0.5, gaussian).
 
 1. ``plan_inference`` on the CPU into --budget-mib (it times the network's forwards itself).
-2. Every ``sw_batch_size`` of 1, 2, 4, ... 32 (and autocast with --amp): its peak measured on real tensors with
-   MemTracker (the real call), and, for those that fit, the time of the real ``sliding_window_inference`` call:
+2. Every ``sw_batch_size`` of 1, 2, 4, ... 32, at most the number of windows (and autocast with --amp): its peak
+   measured on real tensors with MemTracker (the real call), and, for those that fit, the time of the real
+   ``sliding_window_inference`` call:
    --rounds rounds after one warm-up, each round running every setting once in a rotating order, process CPU
    time, median.
 3. The plan's time over the fastest setting that fits.
@@ -49,7 +50,8 @@ t0 = time.perf_counter()
 p = plan_inference(net, tuple(image.shape), roi, budget_gb, overlap=overlap, mode=mode, amp=args.amp)
 print(p, f"\n(planned in {time.perf_counter() - t0:.1f} s wall)", flush=True)
 
-settings = [(b, a) for b in (1, 2, 4, 8, 16, 32) for a in ((False, True) if args.amp else (False,))]
+batches = sorted({min(b, p.windows) for b in (1, 2, 4, 8, 16, 32)})  # a batch of more windows is all of them
+settings = [(b, a) for b in batches for a in ((False, True) if args.amp else (False,))]
 peaks = {}
 for b, a in settings:
     peaks[(b, a)] = sliding_window_memory(net, tuple(image.shape), roi, sw_batch_size=b, overlap=overlap, mode=mode,
@@ -76,7 +78,8 @@ print("| sw_batch_size | autocast | peak (measured) | time / fastest (median of 
 print("|---:|---|---:|---:|---|")
 for s in settings:
     t = f"{median[s] / median[fastest]:.2f}" if s in median else "does not fit"
-    print(f"| {s[0]} | {'yes' if s[1] else 'no'} | {peaks[s] / 2**20:.1f} MiB | {t} | {'plan' if s == chosen else ''} |")
+    mark = "plan" if s == chosen else ""
+    print(f"| {s[0]} | {'yes' if s[1] else 'no'} | {peaks[s] / 2**20:.1f} MiB | {t} | {mark} |")
 print(f"plan / fastest that fits: {median[chosen] / median[fastest]:.2f}")
 json.dump(dict(budget_mib=args.budget_mib, amp=args.amp, rounds=args.rounds, plan=chosen,
                peaks={str(k): v for k, v in peaks.items()}, times={str(k): v for k, v in times.items()},

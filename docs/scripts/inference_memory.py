@@ -55,8 +55,9 @@ for name in args.only or SCENARIOS:
     profiles: dict = {}
     rows = []
     for label, b, on_gpu, steps, dim in SETTINGS:
-        m = sliding_window_memory(net, image, roi, sw_batch_size=b, sw_device="cuda", device="cuda" if on_gpu else "cpu",
-                                  buffer_steps=steps, buffer_dim=dim, profiles=profiles)
+        m = sliding_window_memory(net, image, roi, sw_batch_size=b, sw_device="cuda",
+                                  device="cuda" if on_gpu else "cpu", buffer_steps=steps, buffer_dim=dim,
+                                  profiles=profiles)
         rows.append((label, m.peaks["cuda"], m.peaks.get("cpu", 0)))
         print(name, label, m.peaks, flush=True)
     plans = {}

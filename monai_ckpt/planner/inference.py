@@ -191,7 +191,8 @@ def check_inference_input(network: nn.Module, image_shape: Sequence[int],
         raise ValueError(
             f"roi_size {roi} is larger than the image {image[2:]} along dimension(s) {larger}: MONAI would pad the "
             f"image to the roi at every call; pad it once instead (monai.transforms.SpatialPad(spatial_size={roi}), "
-            f"as the bundles' preprocessing does), or give a roi of at most {tuple(min(r, s) for r, s in zip(roi, image[2:]))}.")
+            f"as the bundles' preprocessing does), or give a roi of at most "
+            f"{tuple(min(r, s) for r, s in zip(roi, image[2:]))}.")
     channels = getattr(network, "in_channels", None)
     if isinstance(channels, int) and image[1] != channels:
         raise ValueError(f"the image has {image[1]} channel(s) but the network takes {channels}: image_shape should be "
@@ -389,8 +390,9 @@ def plan_inference(
     headroom = headroom_bytes(headroom_gb, budget, windows)
     limit = budget - headroom
     if limit <= 0:
-        raise ValueError(f"nothing fits: the budget of {budget_gb} GiB is all headroom on {windows} ({format_size(headroom)}: "
-                         f"allocator rounding, cuDNN workspaces); give a larger budget, or headroom_gb below it.")
+        raise ValueError(f"nothing fits: the budget of {budget_gb} GiB is all headroom on {windows} "
+                         f"({format_size(headroom)}: allocator rounding, cuDNN workspaces); give a larger budget, or "
+                         "headroom_gb below it.")
     if amp not in (False, True, "always"):
         raise ValueError(f"amp must be False, True (autocast allowed) or 'always', got {amp!r}.")
     amps = (False,) if amp is False else (True,) if amp == "always" else (False, True)
@@ -457,7 +459,8 @@ def plan_inference(
         pair = [(n, a) for n in (last, b) for a in amps]
         if any(key not in timer.forwards for key in pair):
             timer.time_forwards(pair, image[1], roi)
-        if min(timer.forwards[(b, a)] for a in amps) / b < TIME_GAIN * min(timer.forwards[(last, a)] for a in amps) / last:
+        per_window = {n: min(timer.forwards[(n, a)] for a in amps) / n for n in (last, b)}
+        if per_window[b] < TIME_GAIN * per_window[last]:
             batch_sizes.append(b)
             misses = 0
         else:
@@ -535,13 +538,13 @@ def plan_inference(
         raise ValueError(
             f"nothing fits both budgets: the least memory on {w_name} ({format_size(w)}) needs {format_size(h)} on "
             f"the host, over its budget of {host_budget_gb} GiB; the least on the host is "
-            f"{format_size(peaks(host_least)[1] or 0)} ({host_least.text(w_name)}), {format_size(peaks(host_least)[0])} "
-            f"on {w_name}. Give a larger budget on either device.")
+            f"{format_size(peaks(host_least)[1] or 0)} ({host_least.text(w_name)}), "
+            f"{format_size(peaks(host_least)[0])} on {w_name}. Give a larger budget on either device.")
 
     default = _Setting(1, "windows", amp=amps[0] if amp == "always" else False)
     d_w, d_h = peaks(default)
     c_w, c_h = peaks(chosen)
-    rejected = [f"{text} ({', '.join(f'{format_size(v)} on {k}' for k, v in p.items())})"
+    rejected = [f"{text} ({', '.join(f'{format_size(v)} on {k}' for k, v in p.items() if v)})"
                 for text, p, ok in considered if not ok]
     if chosen == default:
         reason = "MONAI's defaults fit and nothing measured is predicted faster"

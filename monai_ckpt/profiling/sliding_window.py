@@ -138,7 +138,8 @@ def network_call(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, amp
             before = tracker.high = tracker.live_bytes()
             out = model(x)
             tensors, structure = _flatten(out)
-            out_bytes = sum(t.untyped_storage().nbytes() for t in {id(t.untyped_storage()): t for t in tensors}.values())
+            storages = {id(t.untyped_storage()): t.untyped_storage() for t in tensors}
+            out_bytes = sum(s.nbytes() for s in storages.values())
             residue = tracker.live_bytes() - before - out_bytes
             calls.append(CallProfile(tracker.high - before, max(residue, 0), tuple(_TensorSpec.of(t) for t in tensors),
                                      structure))
