@@ -26,6 +26,7 @@ _LAZY = {
     "CheckpointUNet": ".networks",
     "CheckpointVNet": ".networks",
     "CheckpointedSequential": ".checkpoint",
+    "InferencePlan": ".planner",
     "InputShapeError": ".networks",
     "Plan": ".planner",
     "Segment": ".policies",
@@ -34,11 +35,12 @@ _LAZY = {
     "disable_checkpointing": ".networks",
     "enable_checkpointing": ".networks",
     "plan": ".planner",
+    "plan_inference": ".planner",
     "resolve_policy": ".policies",
     "validate_policy": ".policies",
 }
-_SUBMODULES = ("arguments", "benchmark", "chain", "checkpoint", "data", "handlers", "io", "lazy", "networks",
-               "planner", "plots", "policies", "profiling")
+_SUBMODULES = ("arguments", "benchmark", "chain", "checkpoint", "data", "handlers", "inferers", "io", "lazy",
+               "networks", "planner", "plots", "policies", "profiling")
 
 __all__ = [
     "CHECKPOINT_MODES",
@@ -53,6 +55,7 @@ __all__ = [
     "CheckpointUNet",
     "CheckpointVNet",
     "CheckpointedSequential",
+    "InferencePlan",
     "InputShapeError",
     "Plan",
     "Segment",
@@ -61,6 +64,7 @@ __all__ = [
     "disable_checkpointing",
     "enable_checkpointing",
     "plan",
+    "plan_inference",
     "resolve_policy",
     "validate_policy",
 ]
@@ -84,5 +88,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (py.typed)
         disable_checkpointing,
         enable_checkpointing,
     )
-    from .planner import Plan, plan
+    from .planner import InferencePlan, Plan, plan, plan_inference
     from .policies import CheckpointGroup, Segment, resolve_policy, validate_policy

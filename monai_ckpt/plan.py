@@ -99,7 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budgets", type=positive_float, nargs="+", default=list(_TABLE_BUDGETS_GB),
                         help="budgets of --table, GiB")
     parser.add_argument("--json", metavar="FILE", type=output_file(), help="also write the result as JSON")
+    add_inference_arguments(parser)
     args = parser.parse_args(argv)
+    if args.inference:
+        return inference_main(parser, args)
     if args.shape and args.spatial_dims and len(args.shape) != args.spatial_dims:
         parser.error(f"--spatial-dims {args.spatial_dims} contradicts --shape {' '.join(map(str, args.shape))} "
                      f"({len(args.shape)} sizes): give one of them")
@@ -154,6 +157,85 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
+    return 0
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "inference", "--inference plans MONAI's sliding_window_inference of a whole image into --budget-gb (or each "
+        "of --budgets with --table): sw_batch_size, where the output is stitched, buffers, autocast (with --amp)")
+    group.add_argument("--inference", action="store_true", help="plan sliding-window inference, not a training step")
+    group.add_argument("--image-shape", type=positive_int, nargs="+", metavar="SIZE",
+                       help="the image, D H W (or H W); --in-channels and --batch give its other sizes")
+    group.add_argument("--roi", type=positive_int, nargs="+", metavar="SIZE", help="the window, D H W (or H W)")
+    group.add_argument("--overlap", type=float, default=0.25, help="MONAI's overlap of the windows")
+    group.add_argument("--mode", default="constant", choices=("constant", "gaussian"), help="MONAI's blending")
+    group.add_argument("--device", help="where the windows run: default where the network is (the CPU); 'cuda' "
+                       "plans for a GPU (from a machine without one: peaks exact, nothing timed)")
+    group.add_argument("--host-budget-gb", type=positive_float,
+                       help="host memory for an output stitched there (default: no limit, its peak is reported)")
+
+
+def inference_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--inference``: one plan for ``--budget-gb``, or with ``--table`` MONAI's defaults against the plan for each
+    of ``--budgets``."""
+    from .planner import plan_inference
+    from .planner.result import format_size
+
+    if not args.image_shape or not args.roi:
+        parser.error("--inference needs --image-shape D H W and --roi D H W")
+    if len(args.roi) != len(args.image_shape):
+        parser.error(f"--roi has {len(args.roi)} sizes but --image-shape has {len(args.image_shape)}: give one per "
+                     "spatial dimension")
+    if args.shape or args.loss != "mean-square" or args.optimizer != "adam":
+        parser.error("--shape, --loss and --optimizer plan a training step; --inference takes --image-shape and --roi")
+    if not args.table and args.budget_gb is None:
+        parser.error("give --budget-gb (or --table)")
+    if not 0 <= args.overlap < 1:
+        parser.error(f"--overlap must be in [0, 1), got {args.overlap}")
+    if (why := shape_error(args.network, args.roi, args.in_channels)):
+        parser.error(why.replace("--shape", "--roi"))
+    net = network_factory(args.network, len(args.roi), args.in_channels, args.out_channels)()
+    image = (args.batch, args.in_channels, *args.image_shape)
+    kw = dict(overlap=args.overlap, mode=args.mode, amp=args.amp, device=args.device,
+              host_budget_gb=args.host_budget_gb, headroom_gb=args.headroom_gb, progress=_progress)
+    budgets = args.budgets if args.table else [args.budget_gb]
+    rows = []
+    for budget in budgets:
+        try:
+            p = plan_inference(net, image, args.roi, budget, **kw)
+        except ValueError as error:
+            if not args.table:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+            rows.append({"budget_gb": budget, "error": str(error)})
+            continue
+        if not args.table:
+            print(p)
+        rows.append({"budget_gb": budget, **{k: v for k, v in asdict(p).items() if k != "considered"}})
+    if args.table:
+        def size(nbytes: int | None) -> str:
+            return format_size(nbytes) if nbytes else "-"
+
+        print(f"{args.network}, {args.out_channels or 2} classes, image {image}, roi {tuple(args.roi)}, overlap "
+              f"{args.overlap}, {args.mode}")
+        print("| budget | MONAI's defaults: peak (fits?) | plan | plan: peak on the device | on the host |")
+        print("|---:|---|---|---:|---:|")
+        for r in rows:
+            if "error" in r:
+                print(f"| {r['budget_gb']:g} GiB | | nothing fits: {r['error'].split(': ', 1)[1].split(' (')[0]} "
+                      "least | | |")
+                continue
+            tensors = r["budget_bytes"] - r["headroom_bytes"]
+            fits = "fits" if r["default_peak_bytes"] <= tensors else "does not fit"
+            where = "on the device" if r["device"] == r["sw_device"] else "on the host"
+            buffers = f", buffer_steps={r['buffer_steps']}, buffer_dim={r['buffer_dim']}" if r["buffer_steps"] else ""
+            print(f"| {r['budget_gb']:g} GiB | {size(r['default_peak_bytes'])} ({fits}) | sw_batch_size="
+                  f"{r['sw_batch_size']}, output {where}{buffers}{', autocast' if r['amp'] else ''} | "
+                  f"{size(r['peak_bytes'])} | {size(r['host_peak_bytes'])} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows if args.table else rows[0], f, indent=2, default=str)
     return 0
 
 

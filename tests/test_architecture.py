@@ -24,6 +24,7 @@ RANKS = {
     "monai_ckpt.benchmark": 6,
     "monai_ckpt.plan": 6,
     "monai_ckpt.handlers": 6,
+    "monai_ckpt.inferers": 6,
     "monai_ckpt.nnunet": 6,
     "monai_ckpt": 9,
 }
