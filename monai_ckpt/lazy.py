@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,11 +29,25 @@ def lazy_attributes(
 
     Returns:
         (``__getattr__``, ``__dir__``): a name is imported on first access and then bound in the package, so later
-        accesses cost nothing; a submodule imported later under the same name (``monai_ckpt.plan``) replaces it,
-        as an eager ``from .x import name`` would be replaced. ``dir()`` lists the public names, and the submodules
-        imported so far, as for an eager package (tools that walk ``dir()``, such as MONAI's bundle
-        ``ComponentLocator``, import no more than they did).
+        accesses cost nothing. A name defined by the submodule of the same name (``monai_ckpt.checkpoint``, the
+        function in ``checkpoint.py``) stays the definition when that submodule is imported, whoever imports it
+        first, as after an eager ``from .checkpoint import checkpoint``; a name defined elsewhere is replaced by a
+        submodule imported later under it (``monai_ckpt.plan`` after ``import monai_ckpt.plan``), as an eager
+        package's would be. ``dir()`` lists the public names, and the submodules imported so far, as for an eager
+        package (tools that walk ``dir()``, such as MONAI's bundle ``ComponentLocator``, import no more than they
+        did).
     """
+    module = sys.modules[package]
+
+    class _LazyPackage(type(module)):  # type: ignore[misc]
+        def __setattr__(self, name: str, value: Any) -> None:
+            # the import system binds a submodule in its package as it is first imported
+            if (isinstance(value, types.ModuleType) and value.__name__ == f"{package}.{name}"
+                    and names.get(name) == f".{name}" and hasattr(value, name)):
+                value = getattr(value, name)
+            super().__setattr__(name, value)
+
+    module.__class__ = _LazyPackage
 
     def __getattr__(name: str) -> Any:
         if name in names:

@@ -62,3 +62,13 @@ def test_every_public_name_still_imports():
     assert callable(monai_ckpt.plan)
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         monai_ckpt.nope  # noqa: B018
+
+
+def test_a_name_defined_by_its_namesake_submodule_survives_that_submodule_s_import():
+    # `checkpoint` is a function of monai_ckpt/checkpoint.py: importing the networks (which import that module before
+    # anyone asked for the name) must not leave the package's `checkpoint` bound to the module
+    code = ("import monai_ckpt.networks, monai_ckpt\nfrom monai_ckpt import checkpoint\n"
+            "import monai_ckpt.checkpoint as m\nprint(type(checkpoint).__name__, m is checkpoint)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["function", "True"]
