@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from monai.bundle import ckpt_export
+from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 from monai.bundle import run as bundle_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +108,20 @@ def assert_export_parity(bundle: Path, root: Path, plain: torch.nn.Module, train
         torch.testing.assert_close(trained(x), ref, rtol=0, atol=0)
     assert ref.abs().sum() > 0
     return ref
+
+
+def assert_model_zoo_checks(bundle: Path, root: Path, plain: torch.nn.Module, trained: torch.nn.Module,
+                            x: torch.Tensor, net_overrides: dict, export_overrides: dict | None = None,
+                            atol: float = 1e-5) -> torch.Tensor:
+    """The model zoo CI's checks of a trained bundle: metadata.json against the schema, the network's input and output
+    as metadata declares them (``verify_net_in_out`` with ``net_overrides``), and `assert_export_parity` (with
+    ``export_overrides``, by default ``net_overrides``). Returns the exported network's output."""
+    meta = str(bundle / "configs" / "metadata.json")
+    verify_metadata(meta_file=meta, filepath=str(SCHEMA))
+    verify_net_in_out("network_def", meta_file=meta, config_file=cfg(bundle, "inference"), device="cpu",
+                      **net_overrides)
+    export = net_overrides if export_overrides is None else export_overrides
+    return assert_export_parity(bundle, root, plain, trained, x, export, atol)
 
 
 def assert_segmentations(data: Path, out_dir: Path, num_classes: int) -> list[Path]:

@@ -20,9 +20,8 @@ from bundle_runs import (
     BRAIN,
     MNI152,
     QUIRKS,
-    SCHEMA,
     TINY_UNET4,
-    assert_export_parity,
+    assert_model_zoo_checks,
     assert_segmentations,
     cfg,
     cli,
@@ -31,7 +30,6 @@ from bundle_runs import (
     run_in_process,
     torchrun_train,
 )
-from monai.bundle import verify_metadata, verify_net_in_out
 from monai.networks.nets import UNet
 
 from monai_ckpt import CheckpointUNet
@@ -93,12 +91,9 @@ def test_brain_evaluate_verify_export_parity(brain_trained, brain_data):
     raw = (root / "eval" / "val_mean_dice_raw.csv").read_text()
     assert "case_002.nii.gz" in raw and "case_003.nii.gz" in raw  # per-image Dice of the validation images
 
-    verify_metadata(meta_file=str(BRAIN / "configs" / "metadata.json"), filepath=str(SCHEMA))
-    verify_net_in_out("network_def", meta_file=str(BRAIN / "configs" / "metadata.json"),
-                      config_file=cfg(BRAIN, "inference"), device="cpu", **TINY_UNET4)
     x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert_export_parity(BRAIN, root, UNet(**NET_KWARGS), CheckpointUNet(**NET_KWARGS, checkpoint_policy="all"), x,
-                         TINY_UNET4, atol=1e-6)
+    assert_model_zoo_checks(BRAIN, root, UNet(**NET_KWARGS), CheckpointUNet(**NET_KWARGS, checkpoint_policy="all"), x,
+                            TINY_UNET4, atol=1e-6)
 
 
 def test_multi_gpu_train_two_cpu_processes(tmp_path, brain_data):

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 from bundle_runs import (
-    SCHEMA,
     TINY_MULTICHANNEL,
     TUMOR,
-    assert_export_parity,
+    assert_model_zoo_checks,
     assert_outputs_on_input_grid,
     cfg,
     inference_overrides,
@@ -26,7 +25,7 @@ from bundle_runs import (
     run_in_process,
     torchrun_train,
 )
-from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigParser
 from monai.networks.nets import DynUNet
 
 from monai_ckpt import CheckpointDynUNet
@@ -136,16 +135,14 @@ def test_tumor_train_evaluate_infer(tumor_trained, tumor_data):
 
 def test_tumor_verify_export_parity(tumor_trained):
     root, _ = tumor_trained
-    meta = str(TUMOR / "configs" / "metadata.json")
-    verify_metadata(meta_file=meta, filepath=str(SCHEMA))
-    verify_net_in_out("network_def", meta_file=meta, config_file=cfg(TUMOR, "inference"), device="cpu",
-                      **{"_meta_#network_data_format#inputs#image#spatial_shape": [32, 32, 32]}, **TINY_DYNUNET)
     x = torch.randn(1, 4, 24, 16, 32, generator=torch.Generator().manual_seed(0))
     # MONAI's DynUNet with deep_supervision=True does not compile with torch.jit.script (its forward writes into
     # the Optional list self.heads): the bundle exports it with torch.jit.trace of the eval forward (the main output)
     export = {**TINY_DYNUNET, "use_trace": True, "_meta_#network_data_format#inputs#image#spatial_shape": [16, 16, 16]}
-    ref = assert_export_parity(TUMOR, root, DynUNet(**TINY_DYNUNET_KWARGS),
-                               CheckpointDynUNet(**TINY_DYNUNET_KWARGS, checkpoint_policy="all"), x, export)
+    net_in_out = {**TINY_DYNUNET, "_meta_#network_data_format#inputs#image#spatial_shape": [32, 32, 32]}
+    ref = assert_model_zoo_checks(TUMOR, root, DynUNet(**TINY_DYNUNET_KWARGS),
+                                  CheckpointDynUNet(**TINY_DYNUNET_KWARGS, checkpoint_policy="all"), x, net_in_out,
+                                  export)
     assert ref.shape == (1, 3, *x.shape[2:])
     with pytest.raises(RuntimeError, match="Arguments for call are not valid"):
         torch.jit.script(DynUNet(**TINY_DYNUNET_KWARGS).eval())

@@ -12,9 +12,8 @@ import pytest
 import torch
 from bundle_runs import (
     PROSTATE,
-    SCHEMA,
     TINY_MULTICHANNEL,
-    assert_export_parity,
+    assert_model_zoo_checks,
     assert_outputs_on_input_grid,
     cfg,
     inference_overrides,
@@ -22,7 +21,7 @@ from bundle_runs import (
     overrides,
     run_in_process,
 )
-from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigParser
 from monai.networks.nets import VNet
 
 from monai_ckpt import CheckpointVNet
@@ -78,9 +77,7 @@ def test_prostate_train_evaluate_infer_export(tmp_path, prostate_data):
     (seg,) = assert_outputs_on_input_grid(prostate_data, root / "eval", channels=None)
     assert set(np.unique(seg).tolist()) <= {0, 1, 2}
 
-    meta = str(PROSTATE / "configs" / "metadata.json")
-    verify_metadata(meta_file=meta, filepath=str(SCHEMA))
-    verify_net_in_out("network_def", meta_file=meta, config_file=cfg(PROSTATE, "inference"), device="cpu")
     x = torch.randn(1, 2, 16, 32, 16, generator=torch.Generator().manual_seed(0))
-    ref = assert_export_parity(PROSTATE, root, VNet(3, 2, 3), CheckpointVNet(3, 2, 3, checkpoint_policy="all"), x, {})
+    ref = assert_model_zoo_checks(PROSTATE, root, VNet(3, 2, 3), CheckpointVNet(3, 2, 3, checkpoint_policy="all"), x,
+                                  {})
     assert ref.shape == (1, 3, *x.shape[2:])

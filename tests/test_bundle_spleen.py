@@ -11,17 +11,15 @@ import pytest
 import torch
 from bundle_runs import (
     QUIRKS,
-    SCHEMA,
     SPLEEN,
     TINY_UNET5,
-    assert_export_parity,
+    assert_model_zoo_checks,
     assert_segmentations,
     cfg,
     inference_overrides,
     overrides,
     run_in_process,
 )
-from monai.bundle import verify_metadata, verify_net_in_out
 from monai.networks.nets import UNet
 
 from monai_ckpt import CheckpointUNet
@@ -56,12 +54,9 @@ def test_spleen_train_evaluate_infer_export(tmp_path, spleen_data):
     run_in_process(SPLEEN, ["inference"], inference_overrides(values))
     assert_segmentations(spleen_data, root / "eval", 2)
 
-    verify_metadata(meta_file=str(SPLEEN / "configs" / "metadata.json"), filepath=str(SCHEMA))
-    verify_net_in_out("network_def", meta_file=str(SPLEEN / "configs" / "metadata.json"),
-                      config_file=cfg(SPLEEN, "inference"), device="cpu", **TINY_UNET5)
     x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert_export_parity(SPLEEN, root, UNet(**NET_KWARGS), CheckpointUNet(**NET_KWARGS, checkpoint_policy="all"), x,
-                         TINY_UNET5, atol=1e-6)
+    assert_model_zoo_checks(SPLEEN, root, UNet(**NET_KWARGS), CheckpointUNet(**NET_KWARGS, checkpoint_policy="all"), x,
+                            TINY_UNET5, atol=1e-6)
 
 
 def test_spleen_inferer_stitches_on_cpu():
