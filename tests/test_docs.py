@@ -23,6 +23,8 @@ pytest.importorskip("sphinx")
 pytest.importorskip("myst_nb")
 pytest.importorskip("pydata_sphinx_theme")
 
+pytestmark = pytest.mark.xdist_group("docs")  # one worker builds the site once for every test here
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 GUIDE = ["get_started", "choose_a_policy", "fit_your_gpu", "bundles", "torch_compile", "troubleshooting"]

@@ -32,131 +32,22 @@ On CUDA the budget keeps the training planner's headroom (`device.headroom_bytes
 from __future__ import annotations
 
 import math
-import statistics
-import time
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..profiling import device_clock, sliding_window_memory, window_batches, window_positions
+from ..profiling import sliding_window_memory, window_batches, window_positions
 from ..profiling.sliding_window import SlidingWindowMemory, autocast_dtype
 from .device import budget_bytes, headroom_bytes
+from .inference_plan import InferencePlan, WindowSetting
 from .result import format_size
+from .window_timing import NOMINAL_BYTES_PER_S, kept_timer, stitch_seconds
 
 __all__ = ["NOMINAL_BYTES_PER_S", "SW_BATCH_SIZES", "InferencePlan", "plan_inference"]
 
 SW_BATCH_SIZES = (1, 2, 4, 8, 16, 32)  # the window batches considered
 TIME_GAIN = 0.95  # a larger window batch is kept only if its time per window is below this fraction of the last
-NOMINAL_BYTES_PER_S = {"cuda": 1.0e12, "link": 1.0e10}  # a GPU's in-place addition and its pageable copy to the
-# host, used where the GPU is not here to time (HBM: 1-3 TB/s; PCIe 4 x16 pageable: about 10 GB/s)
-
-
-@dataclass(frozen=True)
-class _Setting:
-    sw_batch_size: int
-    stitch: str  # "windows": the output on the windows' device; "host": on the host
-    buffer_steps: int | None = None
-    buffer_dim: int = -1
-    amp: bool = False
-
-    def kind(self) -> tuple:
-        return (self.stitch, self.buffer_steps is not None, self.buffer_dim, self.amp)
-
-    def text(self, windows: str) -> str:
-        where = f"stitched on {windows}" if self.stitch == "windows" else "stitched on the host (cpu)"
-        if self.buffer_steps:
-            where += f" through buffers of {self.buffer_steps} row(s) along dimension {self.buffer_dim}"
-        return f"sw_batch_size={self.sw_batch_size}, {where}" + (", autocast" if self.amp else "")
-
-
-@dataclass
-class InferencePlan:
-    """How to run ``sliding_window_inference`` on one image (batch) within a memory budget.
-
-    Attributes:
-        sw_batch_size, sw_device, device, buffer_steps, buffer_dim: MONAI's arguments (`sliding_window_kwargs`).
-        amp: whether the call runs under ``torch.autocast`` (fp16 on CUDA, bf16 on the CPU): only when allowed.
-        peak_bytes: predicted peak live-tensor bytes on ``sw_device`` (exact for MONAI's code and the network's
-            forward: MemTracker on fake tensors).
-        host_peak_bytes: the same on the host, where the output is stitched with ``device="cpu"`` (None when the
-            windows run on the CPU: one device).
-        budget_bytes, headroom_bytes: the budget on ``sw_device`` and what of it is kept for what the device adds
-            beyond live tensors (CUDA: the training planner's rule); tensors get the difference.
-        host_budget_bytes: the host's budget, when one was given.
-        default_peak_bytes, default_host_peak_bytes: the peaks with MONAI's defaults (``sw_batch_size=1``,
-            everything on ``sw_device``, no buffers).
-        image_shape, roi_size, overlap, mode: the call planned.
-        windows: windows per image.
-        output_bytes: the stitched output and its count map (MONAI keeps both until the end).
-        time_ratio: predicted time relative to MONAI's defaults (None where nothing could be timed).
-        timed: what the times are based on.
-        reason: why this setting: the faster ones that did not fit, with their peaks.
-    """
-
-    sw_batch_size: int
-    sw_device: str
-    device: str
-    buffer_steps: int | None
-    buffer_dim: int
-    amp: bool
-    peak_bytes: int
-    host_peak_bytes: int | None
-    budget_bytes: int
-    headroom_bytes: int
-    host_budget_bytes: int | None
-    default_peak_bytes: int
-    default_host_peak_bytes: int | None
-    image_shape: tuple[int, ...]
-    roi_size: tuple[int, ...]
-    overlap: float | tuple[float, ...]
-    mode: str
-    windows: int
-    output_bytes: int
-    time_ratio: float | None = None
-    timed: str = ""
-    reason: str = ""
-    considered: list[tuple[str, dict[str, int], bool]] = field(default_factory=list, repr=False)
-
-    def sliding_window_kwargs(self) -> dict:
-        """The keyword arguments of ``monai.inferers.sliding_window_inference`` (and ``SlidingWindowInferer``)
-        this plan sets; run the call under ``torch.autocast`` when ``amp``."""
-        return dict(sw_batch_size=self.sw_batch_size, sw_device=self.sw_device, device=self.device,
-                    buffer_steps=self.buffer_steps, buffer_dim=self.buffer_dim)
-
-    def __str__(self) -> str:
-        tensors = self.budget_bytes - self.headroom_bytes
-        headroom = f", headroom {format_size(self.headroom_bytes)} (tensors get {format_size(tensors)})" \
-            if self.headroom_bytes else ""
-        host = self.host_peak_bytes is not None
-        host_budget = (f"; host budget {format_size(self.host_budget_bytes)}" if self.host_budget_bytes is not None
-                       else "; host: no budget" if host else "")
-
-        def peaks(peak: int, host_peak: int | None) -> str:
-            text = f"{format_size(peak)} on {self.sw_device}"
-            if host_peak is None:
-                return text
-            return text + (f", {format_size(host_peak)} on the host" if host_peak else ", nothing on the host")
-
-        default_fits = self.default_peak_bytes <= tensors and (
-            self.host_budget_bytes is None or (self.default_host_peak_bytes or 0) <= self.host_budget_bytes)
-        time_text = (f"time x{self.time_ratio:.2f} of the defaults ({self.timed})" if self.time_ratio is not None
-                     else f"time: {self.timed}")
-        kwargs = ", ".join(f"{k}={v!r}" for k, v in self.sliding_window_kwargs().items())
-        return "\n".join([
-            f"image {self.image_shape}, roi {self.roi_size}, overlap {self.overlap}, mode {self.mode}: "
-            f"{self.windows} windows per image; stitched output and count map {format_size(self.output_bytes)}",
-            f"budget {format_size(self.budget_bytes)} on {self.sw_device}{headroom}{host_budget}",
-            f"MONAI's defaults (sw_batch_size=1, the output on {self.sw_device}): peak "
-            f"{peaks(self.default_peak_bytes, self.default_host_peak_bytes)} "
-            f"({'fits' if default_fits else 'does NOT fit'})",
-            f"plan: peak {peaks(self.peak_bytes, self.host_peak_bytes)}; {time_text}",
-            f"sliding_window_inference({kwargs}){' under torch.autocast' if self.amp else ''}",
-            f"why: {self.reason}",
-        ])
 
 
 def _positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
@@ -198,110 +89,6 @@ def check_inference_input(network: nn.Module, image_shape: Sequence[int],
         raise ValueError(f"the image has {image[1]} channel(s) but the network takes {channels}: image_shape should be "
                          f"({image[0]}, {channels}, {', '.join(map(str, image[2:]))}).")
     return image, roi
-
-
-class _Timer:
-    """Forward times of the real network on the windows' device, and the stitching rates of each device."""
-
-    def __init__(self, network: nn.Module, windows: torch.device) -> None:
-        here = next((p.device for p in network.parameters()), torch.device("cpu"))
-        self.network_ref, self.windows = weakref.ref(network), windows  # kept timings must not keep a network
-        self.available = here.type == windows.type and (windows.index is None or here.index == windows.index)
-        self.clock = device_clock(windows) if self.available else time.perf_counter
-        self.host_clock = device_clock("cpu") if windows.type == "cpu" else time.perf_counter
-        self.forwards: dict[tuple[int, bool], float] = {}
-        self.rates: dict[str, float] = {}
-
-    def time_forwards(self, batches: Sequence[tuple[int, bool]], channels: int, roi: tuple[int, ...],
-                      rounds: int = 3) -> None:
-        """Times a forward of each (window batch, autocast) on real random windows, interleaved in one process
-        (every round runs each in turn, the order rotating; one warm-up round), and keeps each one's fastest
-        round: other processes on a shared machine only ever add to a time."""
-        network = self.network_ref()
-        device = next((p.device for p in network.parameters()), self.windows)
-        training = network.training
-        network.eval()
-        times: dict[tuple[int, bool], list[float]] = {key: [] for key in batches}
-        try:
-            inputs = {b: torch.randn((b, channels, *roi), device=device) for b, _ in batches}
-            with torch.no_grad():
-                for r in range(rounds + 1):
-                    for k in range(len(batches)):
-                        b, amp = batches[(r + k) % len(batches)]
-                        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
-                            t0 = self.clock()
-                            network(inputs[b])
-                            if r:
-                                times[(b, amp)].append(self.clock() - t0)
-        finally:
-            network.train(training)
-        self.forwards.update({key: min(t) for key, t in times.items()})
-
-    def rate(self, where: str) -> float:
-        """Bytes per second of an in-place addition on ``where`` ("windows", "host") or of a copy to the host
-        ("link")."""
-        if where not in self.rates:
-            if where != "host" and not self.available:
-                self.rates[where] = NOMINAL_BYTES_PER_S["link" if where == "link" else "cuda"]
-            else:
-                device = torch.device("cpu") if where == "host" else self.windows
-                clock = self.host_clock if where == "host" else self.clock
-                a, b = torch.ones(2**23, device=device), torch.ones(2**23, device=device)  # 32 MiB each
-                times = []
-                for i in range(4):
-                    t0 = clock()
-                    if where == "link":
-                        a.to("cpu")
-                    else:
-                        a.add_(b)
-                    if i:
-                        times.append(clock() - t0)
-                self.rates[where] = a.nbytes / max(statistics.median(times), 1e-9)
-        return self.rates[where]
-
-
-_KEPT: OrderedDict[tuple, tuple[_Timer, dict]] = OrderedDict()  # the last few networks' timings and forward
-# profiles: they depend on the window, not on the image, so an inferer's later image shapes reuse them
-
-
-def _kept(network: nn.Module, windows: torch.device, roi: tuple[int, ...], channels: int,
-          dtype: torch.dtype) -> tuple[_Timer, dict]:
-    key = (id(network), type(network).__qualname__, tuple((tuple(p.shape), p.dtype, p.device) for p in
-                                                          network.parameters()), str(windows), roi, channels, dtype)
-    if key not in _KEPT or _KEPT[key][0].network_ref() is not network:
-        _KEPT[key] = (_Timer(network, windows), {})
-        while len(_KEPT) > 4:
-            _KEPT.popitem(last=False)
-    _KEPT.move_to_end(key)
-    return _KEPT[key]
-
-
-def _stitch_seconds(s: _Setting, calls: tuple[int, ...], slabs: tuple[tuple[int, ...], ...], windows: int,
-                    batch: int, roi_voxels: int, image_voxels: int, classes: int, out_bytes: int, win_bytes: int,
-                    timer: _Timer, one_device: bool) -> float:
-    """Seconds of MONAI's stitching for a setting: bytes written on each device and copied to the host (the
-    operators of `sliding_window_inference`'s loop), at each device's measured rate."""
-    n = sum(calls)
-    window_out = classes * roi_voxels
-    done = {"windows": 0.0, "host": 0.0, "link": 0.0}
-    out_side = "windows" if s.stitch == "windows" or one_device else "host"
-    done[out_side] += 3 * classes * image_voxels * batch * out_bytes  # zeros, the division, the final copy
-    done[out_side] += windows * roi_voxels * out_bytes  # the count map
-    if s.buffer_steps:
-        done["windows"] += n * window_out * (win_bytes + 2 * out_bytes)  # weighted window, added into the buffer
-        slab = sum(classes * math.prod(sh) for sh in slabs) * out_bytes
-        done["windows"] += slab  # each buffer's zeros
-        done["link"] += slab
-        done["host"] += 2 * slab  # the buffer's copy and its addition into the output
-    else:
-        done["windows"] += n * window_out * win_bytes  # the window's output weighted in place
-        done[out_side] += n * window_out * out_bytes  # added into the output
-        if out_side == "host":
-            done["link"] += n * window_out * win_bytes
-            done["host"] += n * window_out * win_bytes  # the copy's allocation
-    if one_device:
-        return (done["windows"] + done["host"]) / timer.rate("host")
-    return sum(v / timer.rate(k) for k, v in done.items() if v)
 
 
 def plan_inference(
@@ -401,12 +188,12 @@ def plan_inference(
         raise ValueError(f"sw_batch_sizes must hold positive integers, got {sw_batch_sizes!r}.")
 
     w_name, host_name = str(windows), "cpu"
-    timer, profiles = _kept(network, windows, roi, image[1], image_dtype)
-    measured: dict[_Setting, SlidingWindowMemory] = {}
+    timer, profiles = kept_timer(network, windows, roi, image[1], image_dtype)
+    measured: dict[WindowSetting, SlidingWindowMemory] = {}
     common = dict(overlap=overlap, mode=mode, sigma_scale=sigma_scale, padding_mode=padding_mode, cval=cval,
                   image_dtype=image_dtype, profiles=profiles)
 
-    def measure(s: _Setting) -> SlidingWindowMemory:
+    def measure(s: WindowSetting) -> SlidingWindowMemory:
         if s not in measured:
             report(f"measuring {s.text(w_name)}")
             try:
@@ -420,16 +207,16 @@ def plan_inference(
                                  "takes (e.g. a multiple of its strides' product).") from None
         return measured[s]
 
-    def peaks(s: _Setting) -> tuple[int, int | None]:
+    def peaks(s: WindowSetting) -> tuple[int, int | None]:
         m = measure(s)
         return m.peaks[w_name], None if one_device else m.peaks.get(host_name, 0)
 
-    def fits(s: _Setting) -> bool:
+    def fits(s: WindowSetting) -> bool:
         w, h = peaks(s)
         return w <= limit and (host_budget is None or h is None or h <= host_budget)
 
     least_stitch = "windows" if one_device else "host"
-    least = [_Setting(1, least_stitch, amp=a) for a in amps]
+    least = [WindowSetting(1, least_stitch, amp=a) for a in amps]
     least_peak = min(least, key=lambda s: peaks(s)[0])
     if peaks(least_peak)[0] > limit:
         w, h = peaks(least_peak)
@@ -452,7 +239,7 @@ def plan_inference(
     for b in sorted({min(b, total_windows) for b in sizes}):  # a batch of more windows than there are is all of them
         if b == 1 or not timer.available:
             continue
-        if not fits(_Setting(b, least_stitch, amp=least_peak.amp)):
+        if not fits(WindowSetting(b, least_stitch, amp=least_peak.amp)):
             break
         last = batch_sizes[-1]
         report(f"timing sw_batch_size {b} against {last}")
@@ -491,32 +278,32 @@ def plan_inference(
                 total += t_lo + (timer.forwards[(hi, a)] - t_lo) * (c - lo) / (hi - lo)
         return total
 
-    def seconds(s: _Setting) -> float:
+    def seconds(s: WindowSetting) -> float:
         _, calls, slabs = window_batches(image, roi, overlap, s.sw_batch_size, s.buffer_steps, s.buffer_dim)
         win_bytes = torch.empty((), dtype=autocast_dtype(windows) if s.amp else image_dtype).element_size()
-        return forward_seconds(calls, s.amp) + _stitch_seconds(
+        return forward_seconds(calls, s.amp) + stitch_seconds(
             s, calls, slabs, first.windows, image[0], roi_voxels, image_voxels, classes, out_bytes, win_bytes,
             timer, one_device)
 
     candidates = []
     for b in batch_sizes:
         for a in amps:
-            candidates.append(_Setting(b, "windows", amp=a))
+            candidates.append(WindowSetting(b, "windows", amp=a))
             if one_device:
                 continue
-            candidates.append(_Setting(b, "host", amp=a))
+            candidates.append(WindowSetting(b, "host", amp=a))
             for dim, rows in enumerate(positions):
                 steps = 1
                 while steps < rows:
-                    candidates.append(_Setting(b, "host", steps, dim, a))
+                    candidates.append(WindowSetting(b, "host", steps, dim, a))
                     steps *= 2
     report(f"ordering {len(candidates)} settings by predicted time")
     timed = {s: seconds(s) for s in candidates}
     order = sorted(candidates, key=lambda s: (timed[s], s.sw_batch_size, s.stitch != "windows",
                                               s.buffer_steps is not None, -(s.buffer_steps or 0), s.buffer_dim, s.amp))
-    failed: list[_Setting] = []  # a setting with a larger batch or more buffer rows of the same kind needs more
+    failed: list[WindowSetting] = []  # a setting with a larger batch or more buffer rows of the same kind needs more
 
-    def dominated(s: _Setting) -> bool:
+    def dominated(s: WindowSetting) -> bool:
         return any(f.kind() == s.kind() and f.sw_batch_size <= s.sw_batch_size
                    and (f.buffer_steps or 0) <= (s.buffer_steps or 0) for f in failed)
 
@@ -541,7 +328,7 @@ def plan_inference(
             f"{format_size(peaks(host_least)[1] or 0)} ({host_least.text(w_name)}), "
             f"{format_size(peaks(host_least)[0])} on {w_name}. Give a larger budget on either device.")
 
-    default = _Setting(1, "windows", amp=amps[0] if amp == "always" else False)
+    default = WindowSetting(1, "windows", amp=amps[0] if amp == "always" else False)
     d_w, d_h = peaks(default)
     c_w, c_h = peaks(chosen)
     rejected = [f"{text} ({', '.join(f'{format_size(v)} on {k}' for k, v in p.items() if v)})"
