@@ -54,3 +54,29 @@ def test_a_loss_on_a_list_of_heads_is_planned_as_it_is_called():
     assert step.memory.grad_bytes == 4 * 2 * 3 * 32 * 32 * 4  # a gradient for each of the four heads
     real = measure_step_memory(lambda: replica(net, "all"), shape, loss=loss, label=label).peak
     assert abs(FakeStep(net, shape, False, "adam", step).peak("all") - real) <= 0.05 * real
+
+
+def test_a_long_segment_gets_the_undominated_options_without_listing_all(monkeypatch):
+    """A segment of more blocks than `EXHAUSTIVE_BLOCKS` (nnU-Net ResEnc-L's stages have 12: 3 * 4^11 options, which
+    never finished) gets its undominated options built run by run: the same (kept, peak, time) front as listing
+    every option, checked on SegResNet's 7-block stage with stand-in times."""
+    import random
+
+    import monai_ckpt.planner.model as model
+    from monai_ckpt.planner.profile import profile_chain
+
+    net = CheckpointSegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 3),
+                              blocks_up=(1,))
+    p = profile_chain(net, (1, 1, 16, 16, 16), False, "adam", False)
+    rng = random.Random(0)
+    for mode in ("full", "cheap"):
+        p.recompute_s[mode] = [round(rng.random(), 2) for _ in p.costs]
+        p.tail_s[mode] = [round(0.3 * t, 2) for t in p.recompute_s[mode]]
+    grads = model.param_grads_after(p)
+    blocks = max((blocks for _, blocks in p.segments), key=len)
+    assert len(blocks) == 7
+    listed = model.undominated(model.segment_options(p, blocks, grads))
+    monkeypatch.setattr(model, "EXHAUSTIVE_BLOCKS", 3)
+    built = model.segment_options(p, blocks, grads)
+    assert sorted((o.kept, o.peak, o.time) for o in built) == sorted((o.kept, o.peak, o.time) for o in listed)
+    assert all(model.option_of(p, o.units, grads) == o for o in built)
