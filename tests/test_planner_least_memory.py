@@ -36,7 +36,7 @@ def stand_in_times(monkeypatch):
 
 def test_plan_reaches_the_least_its_nested_search_finds_at_the_benchmark_size(stand_in_times):
     """The issue's budgets, 2.412 and 2.347 GiB (36-37% of the 6.52 GiB plain peak), used to be refused with "the
-    smallest peak reachable is 2.49 GiB" while smallest(nested=True) reaches 2.30 GiB (35.3%, docs/benchmarks.md):
+    smallest peak reachable is 2.49 GiB" while smallest(nested=True) reaches 2.30 GiB (35.3%, docs/benchmarks/unet.md):
     the least-memory search inside plan() skipped neighbours the plan's bracketing had measured and chose its
     start by the timed model. Now both plan; the search's least is the nested least; a budget at it plans, one
     below it is refused with exactly that least."""

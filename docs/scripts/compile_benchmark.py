@@ -13,7 +13,7 @@ Time: step-time ratios to the eager plain network, interleaved, this process's C
 
     OMP_NUM_THREADS=1 python docs/scripts/compile_benchmark.py --network unet --shape 48 48 48 --steps 7 --threads 1
 
-``--planner`` (docs/benchmarks.md, "The planner for the compiled step"): at the planned size ``--plan-shape``
+``--planner`` (docs/benchmarks/compile.md, "The planner for the compiled step"): at the planned size ``--plan-shape``
 (fake tensors: `monai_ckpt.planner.compiled`), the memory points 50%, 30% and 15% of what the compiled plain step
 keeps for backward; at each, compile's own budget (the largest ``activation_memory_budget`` on a 0.05 grid whose
 step keeps at most that) and the planner's compiled plan for the whole-step peak that budget reaches

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md, "The planner for the compiled step", on a GPU (prepared; not run yet: no GPU was lent to the
+"""docs/benchmarks/compile.md, "The planner for the compiled step", on a GPU (prepared; not run yet: no GPU was lent to the
 session that wrote it). The CPU table's comparison with what a GPU reports: for the benchmark UNet and the DynUNet
 preset, at the memory points 50%, 30% and 15% of what the compiled plain step keeps for backward, compile's own
 ``activation_memory_budget`` against the planner's compiled plan (``plan(..., compiled=True)`` for the whole-step

@@ -1,4 +1,4 @@
-"""docs/planner.md, "Planning time at clinical sizes": how long ``plan()`` takes for every network preset at its
+"""docs/benchmarks/planner.md, "Planning time at clinical sizes": how long ``plan()`` takes for every network preset at its
 clinical patch, for a budget it plans (60% of the plain peak) and one nothing fits (25%: the error names the least
 peak the search reaches, nested policies included), each question in a fresh process, as a user waits for it.
 
@@ -85,7 +85,8 @@ def one(name: str, budget: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--networks", nargs="+", default=list(CLINICAL))
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.6, 0.25])
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.6, 0.25],
+                        help="budgets as fractions of the plain peak (none given: only the network's GiB budgets)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per question")
     parser.add_argument("--json", help="append each row to this file (JSON lines)")
     parser.add_argument("--one", nargs=2, metavar=("NETWORK", "BUDGET"), help=argparse.SUPPRESS)

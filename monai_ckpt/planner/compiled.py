@@ -37,7 +37,7 @@ from .step import FakeStep
 __all__ = ["BALANCE", "COMPILE_BUDGETS", "CompiledCost", "CompiledStep", "compile_budgets"]
 
 # floating-point operations one byte moved to or from memory is worth, by device type: a CPU core does ~50 GFLOP/s of
-# convolution from ~6 GB/s (fitted to the compiled steps of docs/benchmarks.md, "torch.compile"); a GPU's tensor
+# convolution from ~6 GB/s (fitted to the compiled steps of docs/benchmarks/compile.md); a GPU's tensor
 # cores ~20x its memory bandwidth in bytes/s (an assumption, not measured here)
 BALANCE = {"cpu": 8.0, "cuda": 20.0}
 # the activation_memory_budget values the planner tries, largest (least recomputation) first
