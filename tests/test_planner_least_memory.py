@@ -5,6 +5,7 @@ At the benchmark size (UNet 256^3 batch 2, fake tensors). Block times are a stan
 bytes): real ones cost seconds, and what is tested is that the least-memory search does not depend on them.
 """
 
+import json
 import re
 
 import pytest
@@ -39,7 +40,8 @@ def test_plan_reaches_the_least_its_nested_search_finds_at_the_benchmark_size(st
     smallest peak reachable is 2.49 GiB" while smallest(nested=True) reaches 2.30 GiB (35.3%, docs/benchmarks/unet.md):
     the least-memory search inside plan() skipped neighbours the plan's bracketing had measured and chose its
     start by the timed model. Now both plan; the search's least is the nested least; a budget at it plans, one
-    below it is refused with exactly that least."""
+    below it is refused with exactly that least; a budget the least policy without nesting fits gets no nesting.
+    (This replaces test_nested's small-UNet test of the same rules.)"""
     planner = Planner(network_factory("unet", 3, 1)(), SHAPE, False, "adam")
     for budget_gb in (2.412, 2.347):
         p = planner.plan(int(budget_gb * GiB))
@@ -47,6 +49,10 @@ def test_plan_reaches_the_least_its_nested_search_finds_at_the_benchmark_size(st
     least_policy, least = planner.smallest(nested=True)
     assert least <= 0.354 * planner.peak("none")  # the documented 35.3%
     assert planner.plan(least).predicted_peak_bytes == least
+    flat_policy, flat = planner.smallest()
+    assert least < flat and '"nested"' not in json.dumps(flat_policy)
+    assert '"nested"' not in json.dumps(planner.plan(flat).policy)  # something without nesting fits: no nesting
+    assert p.predicted_time_ratio >= planner.time_ratio(flat_policy)  # its inner runs are recomputed twice
     with pytest.raises(ValueError, match="smallest peak reachable") as refused:
         planner.plan(least - 1)
     reported = float(re.search(r"reachable is ([\d.]+) GiB", str(refused.value)).group(1))

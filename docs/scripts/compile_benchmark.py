@@ -21,8 +21,8 @@ step keeps at most that) and the planner's compiled plan for the whole-step peak
 
     OMP_NUM_THREADS=1 python docs/scripts/compile_benchmark.py --planner --network unet --plan-shape 2 1 256 256 256 \
         --shape 48 48 48 --steps 7 --threads 1
-    OMP_NUM_THREADS=1 python docs/scripts/compile_benchmark.py --planner --network dynunet --plan-shape 2 1 128 128 128 \
-        --shape 64 64 64 --steps 5 --threads 1
+    OMP_NUM_THREADS=1 python docs/scripts/compile_benchmark.py --planner --network dynunet \
+        --plan-shape 2 1 128 128 128 --shape 64 64 64 --steps 5 --threads 1
 
 Run from the repository root.
 """
@@ -72,7 +72,8 @@ def planner_table(network: str, plan_shape: tuple[int, ...], shape: tuple[int, .
     grid = [round(1.0 - 0.05 * i, 2) for i in range(21)]
     rows = []
     for fraction in (0.5, 0.3, 0.15):
-        own = next(b for b in grid if step.measure("none", b, spec_text("none")).saved_bytes <= fraction * plain.saved_bytes)
+        own = next(b for b in grid
+                   if step.measure("none", b, spec_text("none")).saved_bytes <= fraction * plain.saved_bytes)
         mine = step.measure("none", own, spec_text("none"))
         p = planner.plan_compiled(mine.peak)
         rows.append((fraction, own, mine, p))

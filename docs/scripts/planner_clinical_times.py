@@ -1,6 +1,7 @@
-"""docs/benchmarks/planner.md, "Planning time at clinical sizes": how long ``plan()`` takes for every network preset at its
-clinical patch, for a budget it plans (60% of the plain peak) and one nothing fits (25%: the error names the least
-peak the search reaches, nested policies included), each question in a fresh process, as a user waits for it.
+"""docs/benchmarks/planner.md, "Planning time at clinical sizes": how long ``plan()`` takes for every network
+preset at its clinical patch, for a budget it plans (60% of the plain peak) and one nothing fits (25%: the error
+names the least peak the search reaches, nested policies included), each question in a fresh process, as a user
+waits for it.
 
     python docs/scripts/planner_clinical_times.py                       # every preset, both budgets
     python docs/scripts/planner_clinical_times.py --networks swinunetr --fractions 0.6

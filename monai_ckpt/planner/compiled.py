@@ -34,7 +34,7 @@ from ..profiling import training_step
 from ..profiling.tracker import step_tracker
 from .step import FakeStep
 
-__all__ = ["BALANCE", "COMPILE_BUDGETS", "CompiledCost", "CompiledStep", "compile_budgets"]
+__all__ = ["BALANCE", "COMPILE_BUDGETS", "FINE_COMPILE_BUDGETS", "CompiledCost", "CompiledStep", "compile_budgets"]
 
 # floating-point operations one byte moved to or from memory is worth, by device type: a CPU core does ~50 GFLOP/s of
 # convolution from ~6 GB/s (fitted to the compiled steps of docs/benchmarks/compile.md); a GPU's tensor
@@ -42,6 +42,8 @@ __all__ = ["BALANCE", "COMPILE_BUDGETS", "CompiledCost", "CompiledStep", "compil
 BALANCE = {"cpu": 8.0, "cuda": 20.0}
 # the activation_memory_budget values the planner tries, largest (least recomputation) first
 COMPILE_BUDGETS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+# compile's budget alone on a 0.05 grid, tried when nothing on `COMPILE_BUDGETS` fits
+FINE_COMPILE_BUDGETS = tuple(round(1.0 - 0.05 * i, 2) for i in range(21))
 
 
 def compile_budgets(network: torch.nn.Module) -> tuple[float, ...]:
