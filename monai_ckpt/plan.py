@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--amp", action="store_true", help="autocast in the forward (bf16 on CPU, fp16 on CUDA)")
     parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "none"),
                         help="whose state the step keeps")
+    parser.add_argument("--compiled", action="store_true", help="plan the step torch.compile(network) runs (with "
+                        "compile's activation_memory_budget among the choices; with --shape)")
     parser.add_argument("--table", action="store_true", help="largest cubic patch per budget, without and with "
                         "checkpointing and AMP")
     parser.add_argument("--budgets", type=positive_float, nargs="+", default=list(_TABLE_BUDGETS_GB),
@@ -108,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"({len(args.shape)} sizes): give one of them")
     if args.shape and (why := shape_error(args.network, args.shape, args.in_channels)):
         parser.error(why)
+    if args.compiled and not args.shape:
+        parser.error("--compiled plans one patch: give --shape")
     if not args.shape and (args.loss != "mean-square" or args.headroom_gb):
         parser.error("--loss and --headroom-gb plan one patch: give --shape (the capacity searches of --table and "
                      "of --budget-gb alone use the default step, mean(out**2), without headroom)")
@@ -130,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result: object = rows
         elif args.shape:
             p = plan(net, args.shape, args.budget_gb, batch_size=args.batch, amp=args.amp, optimizer=args.optimizer,
-                     **step)
+                     compiled=args.compiled, **step)
             _progress("the largest batch that fits (least-memory policy)")
             batch = max_batch_size(net, args.shape, args.budget_gb, amp=args.amp, optimizer=args.optimizer)
             print(p)

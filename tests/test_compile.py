@@ -171,7 +171,9 @@ def test_what_torch_cannot_trace_is_a_graph_break_that_fullgraph_names(policy, s
     if policy != "offload":
         assert child.checkpoint_plan.input_shape == shape and child.checkpoint_groups()  # planned at the break
         planned = copy.deepcopy(child)
-        assert planned.plan_checkpoints(torch.randn(*shape)) == child.checkpoint_plan  # already planned: no work
+        # planned for the compiled step (compiled=True: the eager step has a plan of its own): no work
+        assert planned.plan_checkpoints(torch.randn(*shape), compiled=True) == child.checkpoint_plan
+        assert child.checkpoint_plan.compiled
         torch.compile(planned, fullgraph=True, backend="aot_eager")(torch.randn(*shape)).mean().backward()
 
 

@@ -128,27 +128,6 @@ def test_the_merge_keeps_its_parts_not_their_concatenation():
             assert torch.equal(p.grad, c.grad), name
 
 
-def test_planner_nests_only_when_nothing_else_fits():
-    import json
-
-    from monai_ckpt.planner.search import Planner
-
-    net = CheckpointUNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2)
-    p = Planner(net, (2, 1, 32, 32, 32), False, "adam", timing=False)
-    flat_policy, flat = p.smallest(rounds=1)
-    nested_policy, nested = p.smallest(nested=True)
-    assert '"nested"' not in json.dumps(flat_policy) and '"nested"' in json.dumps(nested_policy)
-    assert nested < flat and nested == measure_step_memory(lambda: CheckpointUNet(
-        3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2, checkpoint_policy=nested_policy),
-        (2, 1, 32, 32, 32), estimate=True).peak
-    between = p.plan((nested + flat) // 2)
-    assert '"nested"' in json.dumps(between.policy) and between.predicted_peak_bytes <= (nested + flat) // 2
-    assert between.predicted_time_ratio >= p.time_ratio(flat_policy)  # its inner runs are recomputed twice
-    assert '"nested"' not in json.dumps(p.plan(flat).policy)  # something without nesting fits: no nesting
-    with pytest.raises(ValueError, match="smallest peak reachable"):
-        p.plan(nested - 1)
-
-
 @pytest.mark.parametrize("case", ["segresnet3d", "swin2d-v2-instance", "attunet3d", "basicunet3d", "unetpp2d-ds",
                                   "segresnetds3d-ds"])
 def test_nested_is_exact_on_the_newer_networks(case):

@@ -55,6 +55,12 @@ class CheckpointPolicyMixin:
         policy = f"checkpoint_policy={self._checkpoint_spec!r}"
         return f"{parent}, {policy}" if parent else policy
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("_checkpointed_forward")
+        if own is not None and not getattr(own, "_under_compile_budget", False):
+            cls._checkpointed_forward = _under_compile_budget(own)
+
     def _chain_steps(self) -> list[ChainStep]:
         raise NotImplementedError
 
@@ -184,37 +190,52 @@ class CheckpointPolicyMixin:
             return False
         if is_budget_policy(self._checkpoint_spec):
             self._use_plan(x)
+            # a compiled plan may leave every block to compile's own activation budget: the chain then runs
+            # plainly, inside that budget's region (`_under_compile_budget`)
+            return bool(self._checkpoint_groups) or self._compile_memory_budget() is not None
         return bool(self._checkpoint_groups)
 
     @torch.jit.unused
     def _use_plan(self, x: torch.Tensor) -> None:
-        """Plan for this input (once per shape, dtype and autocast state) and use the plan's groups."""
-        key = _plan_key(x)
+        """Plan for this input (once per shape, dtype and autocast state, and for the eager and the compiled step
+        apart) and use the plan's groups."""
+        compiled = torch.compiler.is_compiling()
+        key = _plan_key(x, compiled)
         if key not in self._checkpoint_plans:
-            if torch.compiler.is_compiling():
-                _plan_outside_the_graph(self, x)
+            if compiled:
+                _plan_outside_the_graph(self, x, compiled=True)
             else:
                 self.plan_checkpoints(x)
         nn.Module.__setattr__(self, "_checkpoint_plan_key", key)
         nn.Module.__setattr__(self, "_checkpoint_groups", self._checkpoint_plans[key][1])
 
     @torch.jit.unused
-    def plan_checkpoints(self, x: torch.Tensor) -> Any:
+    def _compile_memory_budget(self) -> float | None:
+        """Inside a compiled graph, the ``activation_memory_budget`` below 1 of the budget plan in use; else None."""
+        if not torch.compiler.is_compiling():
+            return None
+        planned = self._checkpoint_plans.get(self._checkpoint_plan_key)
+        budget = None if planned is None else getattr(planned[0], "compile_memory_budget", None)
+        return budget if budget is not None and budget < 1.0 else None
+
+    @torch.jit.unused
+    def plan_checkpoints(self, x: torch.Tensor, compiled: bool = False) -> Any:
         """With a ``{"budget_gb": X}`` policy, plan now for training inputs shaped like ``x`` (same shape, dtype
         and autocast state) instead of on the first training forward, and return the
-        `monai_ckpt.planner.Plan`. Needed before ``torch.compile(net, fullgraph=True)``: planning measures the
-        network, which cannot happen inside a compiled graph (without fullgraph it runs at a graph break).
-        Only the shape, dtype and device of ``x`` matter."""
+        `monai_ckpt.planner.Plan`. Needed before ``torch.compile(net, fullgraph=True)`` (with ``compiled=True``:
+        the plan for the compiled step, see `monai_ckpt.planner.plan`): planning measures the network, which cannot
+        happen inside a compiled graph (without fullgraph it runs at a graph break). Only the shape, dtype and device
+        of ``x`` matter."""
         if not is_budget_policy(self._checkpoint_spec):
             raise ValueError(f"plan_checkpoints needs a {{'budget_gb': X}} checkpoint_policy, not {self._checkpoint_spec!r}.")
-        key = _plan_key(x)
+        key = _plan_key(x, compiled)
         if key not in self._checkpoint_plans:
             from ..planner import plan_for_network
 
             # planning runs the network: it must not move the RNG, or this step's dropout masks would change
             devices = [] if x.device.type == "cpu" else [x.device]
             with torch.random.fork_rng(devices=devices, device_type=x.device.type):
-                plan = plan_for_network(self, x, key[2], self._checkpoint_spec)
+                plan = plan_for_network(self, x, key[2], self._checkpoint_spec, compiled=compiled)
             self._checkpoint_plans[key] = (plan, resolve_policy(plan.policy, self.checkpoint_segments()))
         return self._checkpoint_plans[key][0]
 
@@ -234,8 +255,29 @@ def _modules_of(fn: Callable[..., Any]) -> list[nn.Module]:
     return [owner] if isinstance(owner, nn.Module) else []
 
 
-def _plan_key(x: torch.Tensor) -> tuple:
-    return tuple(x.shape), x.dtype, torch.is_autocast_enabled(x.device.type)
+def _plan_key(x: torch.Tensor, compiled: bool = False) -> tuple:
+    return tuple(x.shape), x.dtype, torch.is_autocast_enabled(x.device.type), compiled
+
+
+def _under_compile_budget(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` (a network's `_checkpointed_forward`) inside the compiled graph's activation-memory region when
+    the budget plan in use sets one (`monai_ckpt.planner.compiled.compile_budget`): the region covers the whole
+    network, as the partitioner requires of a region (the network compiled on its own, as ``torch.compile(net)``)."""
+
+    @functools.wraps(forward)
+    def checkpointed_forward(self: Any, x: torch.Tensor) -> Any:
+        budget = self._compile_memory_budget()
+        if budget is None:
+            return forward(self, x)
+        with torch.autograd.graph.region_activation_memory_budget(budget):
+            return forward(self, x)
+
+    checkpointed_forward._under_compile_budget = True  # type: ignore[attr-defined]
+    return checkpointed_forward
+
+
+CheckpointPolicyMixin._checkpointed_forward = _under_compile_budget(  # type: ignore[method-assign]
+    CheckpointPolicyMixin.__dict__["_checkpointed_forward"])
 
 
 _plan_outside_the_graph = torch.compiler.disable(

@@ -40,6 +40,7 @@ def plan(
     headroom_gb: float | None = None,
     device: str | torch.device | None = None,
     progress: bool | Callable[[str], None] = False,
+    compiled: bool = False,
 ) -> Plan:
     """The fastest checkpoint policy with which one training step of ``network`` fits in ``budget_gb``.
 
@@ -66,6 +67,12 @@ def plan(
             Block and step times are measured there (CPU: process time; CUDA: synchronised wall time and CUDA
             events, after a warm-up).
         progress: report the search's steps on stderr (True) or to a callable.
+        compiled: plan the step ``torch.compile(network)`` runs (inductor, the network compiled on its own; loss and
+            optimizer eager): for each candidate policy and compile's ``activation_memory_budget``, inductor's own
+            partition of the network's joint graph is made on fake tensors at this size, and the step it describes
+            measured (`monai_ckpt.planner.compiled`); the plan is the fastest, by a model of the compiled graphs'
+            operations and memory traffic, whose step fits. ``plan.compile_memory_budget`` is compile's budget to
+            set for the network's graph (a ``{"budget_gb": X}`` network under ``torch.compile`` sets it itself).
 
     Returns:
         a `Plan`; ``plan.policy`` goes to ``network.checkpoint_policy``. The same question in one process gets
@@ -91,7 +98,8 @@ def plan(
     where = device_of(network, device)
     headroom = headroom_bytes(headroom_gb, budget, where)
     report = stderr_progress if progress is True else progress or None
-    return get_planner(network, input_shape, amp, optimizer, loss, label, where, progress=report).plan(budget, headroom)
+    planner = get_planner(network, input_shape, amp, optimizer, loss, label, where, progress=report)
+    return planner.plan_compiled(budget, headroom) if compiled else planner.plan(budget, headroom)
 
 
 _PLANNING_LOSS: contextvars.ContextVar[tuple[Callable, LabelBatch] | None] = contextvars.ContextVar(
@@ -116,10 +124,10 @@ def planning_loss(loss: Callable[..., torch.Tensor], label: torch.Tensor | Label
         _PLANNING_LOSS.reset(token)
 
 
-def plan_for_network(network: nn.Module, x: torch.Tensor, amp: bool, spec: dict) -> Plan:
-    """The plan a network with a ``{"budget_gb": X}`` policy uses for the training input ``x``, with the loss
-    and label of `planning_loss` when one is active. Under torch.distributed, rank 0 plans and every rank uses
-    its plan, so that all ranks run the same policy."""
+def plan_for_network(network: nn.Module, x: torch.Tensor, amp: bool, spec: dict, compiled: bool = False) -> Plan:
+    """The plan a network with a ``{"budget_gb": X}`` policy uses for the training input ``x`` (for the compiled
+    step with ``compiled``), with the loss and label of `planning_loss` when one is active. Under
+    torch.distributed, rank 0 plans and every rank uses its plan, so that all ranks run the same policy."""
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -130,7 +138,7 @@ def plan_for_network(network: nn.Module, x: torch.Tensor, amp: bool, spec: dict)
         try:
             result[0] = plan(network, tuple(x.shape[2:]), spec["budget_gb"], batch_size=int(x.shape[0]), amp=amp,
                              optimizer=spec.get("optimizer", "adam"), loss=loss, label=label,
-                             headroom_gb=spec.get("headroom_gb"))
+                             headroom_gb=spec.get("headroom_gb"), compiled=compiled)
         except ValueError as error:
             result[0] = error
     if distributed:

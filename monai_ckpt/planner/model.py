@@ -78,9 +78,16 @@ def runs_of(blocks: tuple[int, ...]) -> list[tuple[tuple[int, ...], ...]]:
     return [(blocks[:k], *rest) for k in range(1, len(blocks)) for rest in runs_of(blocks[k:])] + [(blocks,)]
 
 
+EXHAUSTIVE_BLOCKS = 9  # a segment of up to this many blocks has all its ~3 * 4^(n-1) options listed
+
+
 def segment_options(p: ChainProfile, blocks: list[int], grads_after: list[int]) -> list[Option]:
     """Every way to run a segment: cut into runs of consecutive blocks, each run plain, full or cheap (plain
-    runs as their single blocks)."""
+    runs as their single blocks). A segment of more than `EXHAUSTIVE_BLOCKS` blocks (nnU-Net ResEnc-L's stages:
+    12; 3 * 4^11 options, which never finished) gets its options undominated in kept bytes, peak and time instead
+    (`_undominated_options`): what `undominated` keeps of them, found without listing them all."""
+    if len(blocks) > EXHAUSTIVE_BLOCKS:
+        return _undominated_options(p, list(blocks), grads_after)
     choices = []
     for runs in runs_of(tuple(blocks)):
         for modes in itertools.product(("plain", "full", "cheap"), repeat=len(runs)):
@@ -89,6 +96,30 @@ def segment_options(p: ChainProfile, blocks: list[int], grads_after: list[int]) 
                 units += [((b,), "plain") for b in run] if mode == "plain" else [(run, mode)]
             choices.append(tuple(units))
     return [option_of(p, units, grads_after) for units in dict.fromkeys(choices)]
+
+
+def _undominated_options(p: ChainProfile, blocks: list[int], grads_after: list[int]) -> list[Option]:
+    """The options of a segment that no other beats or ties on kept bytes, peak and recompute time, built run by
+    run: an option's figures after its first k blocks (kept, peak, time so far) only grow with what follows, and
+    what follows adds the same to two prefixes ending at the same block except that the peak is offset by what the
+    prefix keeps; so a prefix that another prefix ending there beats on all three is never part of an undominated
+    option, and is dropped. Polynomial in the blocks (times the size of the fronts) instead of exponential."""
+    fronts: list[list[Option]] = [[] for _ in blocks] + [[]]
+    fronts[0] = [Option((), 0, 0, 0.0)]
+    for start in range(len(blocks)):
+        for prefix in undominated(fronts[start]):
+            for end in range(start + 1, len(blocks) + 1):
+                run = tuple(blocks[start:end])
+                for mode in ("plain", "full", "cheap") if end == start + 1 else ("full", "cheap"):
+                    fronts[end].append(_extended(p, prefix, run, mode, grads_after))
+    return undominated(fronts[-1])
+
+
+def _extended(p: ChainProfile, prefix: Option, run: tuple[int, ...], mode: str, grads_after: list[int]) -> Option:
+    """``prefix`` followed by the unit ``(run, mode)``, its figures as `option_of` counts them."""
+    tail = option_of(p, ((run, mode),), grads_after)
+    return Option(prefix.units + ((run, mode),), prefix.kept + tail.kept, max(prefix.peak, prefix.kept + tail.peak),
+                  prefix.time + tail.time)
 
 
 def undominated(options: list[Option]) -> list[Option]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from ..profiling import BlockCost, LabelBatch, block_costs, device_clock, make_optimizer, replica, training_step
 from .step import PlannedStep, make_step
 
-__all__ = ["TIME_QUANTUM", "TIME_VOXELS", "ChainProfile", "profile_chain", "pushed_items", "quantized",
+__all__ = ["TIME_QUANTUM", "TIME_VOXELS", "ChainProfile", "chain_times", "profile_chain", "pushed_items", "quantized",
            "step_seconds", "timed_input_shape"]
 
 TIME_VOXELS = 48**3  # largest batch x volume timed for real when planning: time ratios vary little with size
@@ -97,6 +98,24 @@ def quantized(fractions: list[float]) -> list[float]:
     return [round(f / TIME_QUANTUM) * TIME_QUANTUM for f in fractions]
 
 
+def chain_times(network: nn.Module, input_shape: tuple[int, ...], amp: bool, optimizer: str, device: torch.device,
+                step: PlannedStep, progress: Callable[[str], None] | None = None,
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each block's recompute time and tail (per mode, `ChainProfile`), as fractions of a plain training step, timed
+    for real on ``device`` at the reduced input `timed_input_shape` (identical blocks timed once, `block_costs`)."""
+    report = progress or (lambda message: None)
+    time_shape = timed_input_shape(input_shape, network.size_multiple())
+    report(f"timing the blocks at {time_shape} on {device} (each distinct block once, identical ones reuse its times)")
+    timed = block_costs(lambda: replica(network, "none"), time_shape, amp=amp, repeats=2, device=device)
+    report(f"timing plain training steps at {time_shape} on {device}")
+    step_s = step_seconds(network, time_shape, amp, optimizer, device, step)
+    recompute_s = {"full": quantized([c.forward_s / step_s for c in timed]),
+                   "cheap": quantized([c.cheap_recompute_s / step_s for c in timed])}
+    tail_s = {"full": quantized([c.tail_s / step_s for c in timed]),
+              "cheap": quantized([c.cheap_tail_s / step_s for c in timed])}
+    return recompute_s, tail_s
+
+
 def profile_chain(network: nn.Module, input_shape: tuple[int, ...], amp: bool, optimizer: str, timing: bool,
              step: PlannedStep | None = None, device: torch.device | None = None) -> ChainProfile:
     step = step or make_step(network, input_shape, amp, None, None)
@@ -105,13 +124,7 @@ def profile_chain(network: nn.Module, input_shape: tuple[int, ...], amp: bool, o
     zeros = [0.0] * len(costs)
     recompute_s, tail_s = {"full": zeros, "cheap": zeros}, {"full": zeros, "cheap": zeros}
     if timing:  # recompute time of each block as a fraction of a plain training step, on the network's device
-        time_shape = timed_input_shape(input_shape, network.size_multiple())
-        timed = block_costs(lambda: replica(network, "none"), time_shape, amp=amp, repeats=2, device=device)
-        step_s = step_seconds(network, time_shape, amp, optimizer, device, step)
-        recompute_s = {"full": quantized([c.forward_s / step_s for c in timed]),
-                       "cheap": quantized([c.cheap_recompute_s / step_s for c in timed])}
-        tail_s = {"full": quantized([c.tail_s / step_s for c in timed]),
-                  "cheap": quantized([c.cheap_tail_s / step_s for c in timed])}
+        recompute_s, tail_s = chain_times(network, input_shape, amp, optimizer, device, step)
     names = [c.segment for c in costs]
     segments = [(name, [i for i, n in enumerate(names) if n == name]) for name in dict.fromkeys(names)]
     param_bytes = sum(p.numel() * p.element_size() for p in network.parameters())

@@ -37,6 +37,11 @@ class Plan:
         expected_allocated_bytes: what ``torch.cuda.max_memory_allocated`` should report for the step (the
             live-tensor peak).
         expected_reserved_bytes: what ``torch.cuda.max_memory_reserved`` should stay under (peak + headroom).
+        compiled: planned for the step ``torch.compile(network)`` runs (`plan` with ``compiled=True``): the peak
+            is that step's, and ``predicted_time_ratio`` is relative to the compiled step without checkpointing.
+        compile_memory_budget: with ``compiled``, compile's ``activation_memory_budget`` for the network's graph
+            (1.0: compile's default), which a ``{"budget_gb": X}`` network sets itself under ``torch.compile``.
+        saved_bytes: with ``compiled``, what the compiled step keeps for backward (activations, the batch included).
     """
 
     policy: PolicySpec
@@ -55,6 +60,9 @@ class Plan:
     headroom_bytes: int = 0
     expected_allocated_bytes: int = field(default=0)
     expected_reserved_bytes: int = field(default=0)
+    compiled: bool = False
+    compile_memory_budget: float | None = None
+    saved_bytes: int | None = None
 
     def __post_init__(self) -> None:
         self.expected_allocated_bytes = self.expected_allocated_bytes or self.predicted_peak_bytes
@@ -75,7 +83,9 @@ class Plan:
             f"{format_size(self.expected_reserved_bytes)}",
             f"checkpointed: {', '.join(self.checkpointed) or 'nothing'}",
             f"checkpoint_policy = {self.policy!r}",
-        ])
+        ] + ([f"compiled step (torch.compile): activation_memory_budget = {self.compile_memory_budget:g}, keeps "
+              f"{format_size(self.saved_bytes or 0)} for backward; time relative to the compiled plain step"]
+             if self.compiled else []))
 
 
 def format_size(nbytes: int) -> str:

@@ -5,10 +5,14 @@ sees inside a ``torch.compile``d step)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import inspect
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -20,7 +24,7 @@ from ..checkpoint import cheap_keeps
 from .step import build_network, fake_mode
 from .timing import device_clock
 
-__all__ = ["BlockCost", "block_costs", "saved_for_backward", "storage_bytes", "storages_of"]
+__all__ = ["BlockCost", "block_costs", "block_key", "saved_for_backward", "storage_bytes", "storages_of"]
 
 def saved_for_backward(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     """Run a training step's forward and backward (loss ``mean(out**2)``) and return the bytes of the distinct
@@ -133,6 +137,63 @@ class _OpRecorder(TorchDispatchMode):
         return out
 
 
+class _Unknown(Exception):
+    """Something in a block whose cost cannot be told from its structure: the block is profiled on its own."""
+
+
+_SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.Size)
+
+
+def _fingerprint(obj: Any, memo: dict[int, Any]) -> Any:
+    """What a block's cost depends on in ``obj`` (part of a chain step's function): module types, their settings
+    (attributes that are numbers, strings, flags, tuples of these), parameter and buffer shapes and dtypes, the
+    functions called and what they are bound to, and tensor shapes (not values: an operator's cost does not depend
+    on them). Raises `_Unknown` for anything else, and for modules with hooks."""
+    if isinstance(obj, _SIMPLE):
+        return obj
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, (tuple, list)):
+        out: Any = (type(obj).__name__, tuple(_fingerprint(o, memo) for o in obj))
+    elif isinstance(obj, dict):
+        out = ("dict", tuple(sorted((str(k), _fingerprint(v, memo)) for k, v in obj.items())))
+    elif isinstance(obj, torch.Tensor):
+        out = ("tensor", tuple(obj.shape), obj.dtype, obj.requires_grad)
+    elif isinstance(obj, nn.Module):
+        if any(getattr(obj, name) for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                "_backward_pre_hooks", "_state_dict_hooks")):
+            raise _Unknown(f"{type(obj).__name__} has hooks")
+        attrs = [(name, _fingerprint(value, memo)) for name, value in vars(obj).items()
+                 if name in ("_parameters", "_buffers", "_modules") or not name.startswith("_")]
+        out = ("module", type(obj).__module__, type(obj).__qualname__, tuple(attrs))
+    elif isinstance(obj, functools.partial):
+        out = ("partial", _fingerprint(obj.func, memo), _fingerprint(obj.args, memo), _fingerprint(obj.keywords, memo))
+    elif inspect.ismethod(obj):
+        out = ("method", _fingerprint(obj.__self__, memo), obj.__func__.__module__, obj.__func__.__qualname__)
+    elif inspect.isfunction(obj):
+        cells = tuple(_fingerprint(c.cell_contents, memo) for c in obj.__closure__ or ())
+        out = ("function", obj.__module__, obj.__qualname__, _fingerprint(obj.__defaults__, memo), cells)
+    elif isinstance(obj, type) or inspect.isbuiltin(obj) or isinstance(obj, torch._ops.OpOverloadPacket):
+        out = ("callable", getattr(obj, "__module__", None), getattr(obj, "__qualname__", repr(obj)))
+    else:
+        raise _Unknown(f"cannot tell the cost of a {type(obj).__name__}")
+    memo[id(obj)] = out
+    return out
+
+
+def block_key(step: Any, x: torch.Tensor, stack: Sequence[torch.Tensor], memo: dict | None = None) -> Any:
+    """What makes two chain steps cost the same: the same kind of step (pops, push, emit, extra), the same
+    function on modules of the same structure and settings with parameters of the same shapes (`_fingerprint`),
+    and inputs (the running tensor, the skips it pops) of the same shapes and dtypes. None when the step holds
+    something whose cost cannot be told from its structure."""
+    popped = list(stack[len(stack) - step.pops:]) if step.pops else []
+    try:
+        return (step.pops, step.push, step.emit, step.extra, _fingerprint(step.fn, {} if memo is None else memo),
+                *((tuple(t.shape), t.dtype, t.requires_grad) for t in (x, *popped)))
+    except (_Unknown, RecursionError):
+        return None
+
+
 def block_costs(
     factory: Callable[[], nn.Module],
     input_shape: Sequence[int],
@@ -142,6 +203,7 @@ def block_costs(
     amp: bool = False,
     device: str | torch.device = "cpu",
     clock: Callable[[], float] | None = None,
+    reuse_identical: bool = True,
 ) -> list[BlockCost]:
     """Per-block costs of ``factory()``, a monai_ckpt network, on a batch of ``input_shape``.
 
@@ -150,6 +212,10 @@ def block_costs(
     ``repeats`` runs after a warm-up run (the first run at a shape also pays one-off kernel set-up), on
     ``device`` with `device_clock` (CPU: process CPU time; CUDA: wall time after synchronising, per operator) or
     the ``clock`` given.
+
+    With ``reuse_identical`` a block identical to an earlier one (`block_key`: same structure, settings, parameter
+    shapes, input shapes and dtypes; the repeated blocks of a ResNet stage) is neither run nor timed: it gets that
+    block's costs and times, and the blocks after it get fresh tensors shaped as its outputs would be.
     """
     device = torch.device(device)
     clock = clock or device_clock(device)
@@ -165,9 +231,28 @@ def block_costs(
         # per block, one record per timed run: forward, cheap recompute, tail, cheap tail
         timings: dict[str, list[tuple[float, float, float, float]]] = {s.block: [] for s in steps}
         costs: list[BlockCost] = []
+        # per block: the earlier identical block it copies (by index), and what that block made (to shape fresh
+        # outputs like it); the first block of each key is run and timed
+        copies: dict[int, int] = {}
+        made_like: dict[int, tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]] = {}
+        first: dict[Any, int] = {}
+        memo: dict[int, Any] = {}
         for rep in range(1 if estimate else 1 + repeats):
             h, stack = x, []
-            for step in steps:
+            for index, step in enumerate(steps):
+                if rep == 0 and reuse_identical:
+                    key = block_key(step, h, stack, memo)
+                    if key is not None and first.get(key) in made_like:
+                        copies[index] = first[key]
+                    elif key is not None:
+                        first.setdefault(key, index)
+                if index in copies:
+                    h, stack = _like_outputs(step, h, stack, made_like[copies[index]])
+                    if rep == 0:
+                        costs.append(dataclasses.replace(costs[copies[index]], block=step.block,
+                                                         segment=step.segment.name, kind=step.segment.kind,
+                                                         level=step.segment.level))
+                    continue
                 before = storages_of(h, *stack)
                 inputs = storages_of(h, *stack[len(stack) - step.pops :]) if step.pops else storages_of(h)
                 saved: dict[int, torch.UntypedStorage] = {}
@@ -187,6 +272,10 @@ def block_costs(
                     ops_at_save, recompute_at_save = recorder.at_last_save
                     timings[step.block].append((clock() - t0, recorder.recompute_s,
                                                 recorder.ops_s - ops_at_save, recorder.recompute_s - recompute_at_save))
+                if rep == 0 and reuse_identical:
+                    made_like[index] = _new_outputs(step, h, stack, outs)
+                    if made_like[index] is None:
+                        del made_like[index]
                 h, stack = outs[0], list(outs[1 : len(outs) - step.emit])
                 if rep == 0:  # what it passes on: every tensor it made that outlives it
                     made = {k: st for k, st in storages_of(*outs).items() if k not in before}
@@ -203,7 +292,42 @@ def block_costs(
                     ))
             del h, stack
     if not estimate:
-        for cost in costs:
+        for index, cost in enumerate(costs):
             cost.forward_s, cost.cheap_recompute_s, cost.tail_s, cost.cheap_tail_s = (
-                statistics.median(column) for column in zip(*timings[cost.block]))
+                statistics.median(column) for column in zip(*timings[steps[copies.get(index, index)].block]))
     return costs
+
+
+def _new_outputs(step: Any, x: torch.Tensor, stack: list[torch.Tensor], outs: Sequence[torch.Tensor],
+                 ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]] | None:
+    """What a step made: its running output (None for a side head, which leaves ``x`` as it is), the tensors it
+    pushed (extras, then itself when ``push``: only the extras are kept here) and what it emitted; None when one of
+    them shares storage with its inputs (then no later block may copy it)."""
+    inputs = storages_of(x, *stack)
+    kept = len(stack) - step.pops
+    new_x = None if step.emit else outs[0]
+    extras = list(outs[1 + kept: 1 + kept + step.extra])
+    emitted = list(outs[len(outs) - 1:]) if step.emit else []
+    made = [t for t in (new_x, *extras, *emitted) if t is not None]
+    if any(k in inputs for k in storages_of(*made)) if made else False:
+        return None
+    return new_x, extras, emitted
+
+
+def _like_outputs(step: Any, x: torch.Tensor, stack: list[torch.Tensor],
+                  made: tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]],
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The running tensor and stack after a step that is not run: fresh tensors shaped as what its identical
+    block made (random values: a block after it runs on numbers, not on uninitialised memory)."""
+    new_x, extras, _ = made
+
+    def like(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, dtype=t.dtype, device=t.device).requires_grad_(t.requires_grad)
+
+    if step.emit:
+        return x, stack
+    stack = stack[: len(stack) - step.pops] + [like(t) for t in extras]
+    x = like(new_x)
+    if step.push:
+        stack.append(x)
+    return x, stack

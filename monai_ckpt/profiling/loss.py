@@ -40,8 +40,8 @@ class LossMemory:
     method: str = "fake tensors"
 
 
-def _loss_phases(loss: Callable[..., torch.Tensor], out: torch.Tensor, label: torch.Tensor, amp: bool | torch.dtype,
-                 ) -> tuple[int, int, int]:
+def _loss_phases(loss: Callable[..., torch.Tensor], out: torch.Tensor | list[torch.Tensor], label: torch.Tensor,
+                 amp: bool | torch.dtype) -> tuple[int, int, int]:
     """(forward peak, saved, backward peak) of ``loss(out, label).mean()`` above the live bytes at its start."""
     seen = {"forward": 0, "backward": 0}
     phase = ["forward"]
@@ -51,11 +51,13 @@ def _loss_phases(loss: Callable[..., torch.Tensor], out: torch.Tensor, label: to
             seen[phase[0]] = max(seen[phase[0]], self.live_bytes())
 
     tracker = _Phases()
-    tracker.track_external(out, label)
-    dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16 if out.device.type == "cpu" else torch.float16
+    heads = out if isinstance(out, list) else [out]
+    tracker.track_external(*heads, label)
+    device = heads[0].device.type
+    dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16 if device == "cpu" else torch.float16
     with tracker:
         base = tracker.live_bytes()
-        with torch.autocast(out.device.type, dtype=dtype, enabled=bool(amp)):
+        with torch.autocast(device, dtype=dtype, enabled=bool(amp)):
             value = loss(out, label).mean()
         saved = tracker.live_bytes() - base
         phase[0] = "backward"
@@ -65,7 +67,7 @@ def _loss_phases(loss: Callable[..., torch.Tensor], out: torch.Tensor, label: to
 
 def loss_memory(
     loss: Callable[..., torch.Tensor],
-    out_shape: Sequence[int],
+    out_shape: Sequence[int] | list[Sequence[int]],
     label: LabelBatch,
     *,
     spatial_dims: int,
@@ -83,16 +85,28 @@ def loss_memory(
     (sums), so the line is exact; the middle size checks it, and where it is off (a loss with other terms) each
     figure takes the largest of the three lines' values instead, an upper bound for such a term.
 
+    ``out_shape`` a list of shapes: the network's training output is a list (deep-supervision heads, UNet++'s or
+    SegResNetDS's), and the loss is called on the list, as the training step calls it; at small sizes each head
+    keeps its size relative to the first (the label's).
+
     Raises:
         ValueError: when the loss fails on an output and label of these shapes (the message says which).
     """
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
-    out_shape, grad_bytes = tuple(out_shape), math.prod(out_shape) * torch.empty((), dtype=out_dtype).element_size()
+    listed = bool(out_shape) and not isinstance(out_shape[0], int)
+    shapes = [tuple(int(n) for n in shape) for shape in (out_shape if listed else [out_shape])]
+    out_shape = shapes[0]
+    itemsize = torch.empty((), dtype=out_dtype).element_size()
+    grad_bytes = sum(math.prod(shape) for shape in shapes) * itemsize
+
+    def outputs(head_shapes: list[tuple[int, ...]]) -> torch.Tensor | list[torch.Tensor]:
+        heads = [torch.randn(shape, dtype=out_dtype, requires_grad=True) for shape in head_shapes]
+        return heads if listed else heads[0]
+
     try:
         with fake_mode():
-            out = torch.randn(out_shape, dtype=out_dtype, requires_grad=True)
-            forward, saved, backward = _loss_phases(loss, out, label.make(), amp)
+            forward, saved, backward = _loss_phases(loss, outputs(shapes), label.make(), amp)
         return LossMemory(forward, saved, backward, grad_bytes)
     except (DataDependentOutputException, DynamicOutputShapeException, NotImplementedError):
         pass  # a loss that reads data (or an operator fake tensors lack): measured for real at small sizes
@@ -100,16 +114,20 @@ def loss_memory(
         raise _loss_error(loss, out_shape, label, error) from error
 
     def small(shape: tuple[int, ...], size: int) -> tuple[int, ...]:
-        return (*shape[: len(shape) - spatial_dims], *(size,) * spatial_dims)
+        """``shape`` with the first head's spatial sizes set to ``size``, and another head's in proportion."""
+        scaled = [max(1, round(size * s / f)) for s, f in zip(shape[len(shape) - spatial_dims:],
+                                                              out_shape[len(out_shape) - spatial_dims:])]
+        return (*shape[: len(shape) - spatial_dims], *scaled)
 
     points = []
     for size in sizes:
-        out = torch.randn(small(out_shape, size), dtype=out_dtype, requires_grad=True)
+        out = outputs([small(shape, size) for shape in shapes])
+        first = out[0] if listed else out
         try:
-            points.append((out.numel(), _loss_phases(loss, out, LabelBatch(small(label.shape, size), label.dtype).make(),
-                                                     amp)))
+            points.append((first.numel(), _loss_phases(loss, out, LabelBatch(small(label.shape, size),
+                                                                             label.dtype).make(), amp)))
         except Exception as error:  # noqa: BLE001
-            raise _loss_error(loss, out.shape, label, error) from error
+            raise _loss_error(loss, first.shape, label, error) from error
     target = math.prod(out_shape)
     lines = [(points[i], points[j]) for i, j in ((0, -1), (0, 1), (1, -1))]
 
@@ -138,20 +156,21 @@ def _loss_error(loss: Any, out_shape: Sequence[int], label: LabelBatch, error: E
 
 class _StandInFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out: torch.Tensor, memory: LossMemory) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, memory: LossMemory, *outs: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        out = outs[0]
         kept = out.new_empty((memory.saved,), dtype=torch.uint8)
         out.new_empty((max(0, memory.forward_peak - memory.saved),), dtype=torch.uint8)  # freed at once
-        ctx.kept, ctx.memory, ctx.shape, ctx.dtype = kept, memory, out.shape, out.dtype
+        ctx.kept, ctx.memory, ctx.heads = kept, memory, [(o.shape, o.dtype) for o in outs]
         return out.new_zeros((), dtype=torch.float32)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
         memory = ctx.memory
-        grad_out = grad.new_zeros(ctx.shape, dtype=ctx.dtype)
+        grads = [grad.new_zeros(shape, dtype=dtype) for shape, dtype in ctx.heads]
         rest = memory.backward_peak - memory.saved - memory.grad_bytes
         grad.new_empty((max(0, rest),), dtype=torch.uint8)  # freed at once
         ctx.kept = None
-        return grad_out, None
+        return None, *grads
 
 
 class LossStandIn:
@@ -163,5 +182,5 @@ class LossStandIn:
     def __init__(self, memory: LossMemory) -> None:
         self.memory = memory
 
-    def __call__(self, out: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return _StandInFunction.apply(out, self.memory)
+    def __call__(self, out: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        return _StandInFunction.apply(self.memory, *(out if isinstance(out, (list, tuple)) else [out]))

@@ -103,6 +103,9 @@ def step_tracker() -> type:
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _UpdateType
 
     class _StepTracker(MemTracker):
+        # a compiled graph's RNG replay (run_and_save_rng_state) passes through: its outputs are tracked as any
+        supports_higher_order_operators = True
+
         def __init__(self) -> None:
             super().__init__()
             self._reusing: weakref.ref | None = None
