@@ -36,7 +36,7 @@ def _stage_mask(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     spatial = tuple(x.shape[1:-1])
     window_size, shift_size = get_window_size(spatial, layer.window_size, layer.shift_size)
     if not any(s > 0 for s in shift_size):
-        return x.new_empty(0)
+        return x.new_empty((0,))  # a tuple: MONAI's MetaTensor.new_empty takes no bare int
     padded = [int(np.ceil(s / w)) * w for s, w in zip(spatial, window_size)]
     return compute_mask(padded, window_size, shift_size, x.device)
 
