@@ -1,0 +1,128 @@
+"""What MONAI's own pipelines hand the network: MetaTensor batches, in the parents' default configurations.
+
+MONAI's data pipelines (``LoadImaged`` ... ``DataLoader``) give the network a `monai.data.MetaTensor` batch, a tensor
+subclass that carries each image's metadata through every operator (``__torch_function__``); MONAI's networks then
+return a MetaTensor in training and in eval. Every registered network (`networks_registry.REGISTRY`), in its small
+test configuration under every policy kind and in the parent's default configuration (default depths, heads and
+filters, deep supervision on) at the smallest size it trains on, must train and evaluate on such a batch as its
+parent does: the same output values, of the parent's type with the parent's metadata, and the same gradients.
+
+The default configurations are large (VNet's 45M parameters, SwinUNETR's 7^3 windows): each configuration runs one
+training step of the parent and one of the child under a policy with a group of every kind (segments in full, single
+blocks, "cheap", "offload" and nested), and an eval forward of each; each kind of policy alone, a planned
+``{"budget_gb": X}`` one included, runs on one small configuration.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+from monai.data import MetaTensor, list_data_collate
+
+from helpers import loss_of
+from networks_registry import REGISTRY
+
+# a policy of each kind: segments in full, single blocks, "cheap", "offload", nested recomputation
+POLICY_KINDS = ["all", "blocks", "cheap", "offload", {"segments": 1, "mode": "nested"}]
+
+
+def metatensor_batch(shape: tuple[int, ...], seed: int = 0) -> MetaTensor:
+    """A batch as MONAI's DataLoader collates it (`list_data_collate`): a MetaTensor with each image's affine and
+    file name, ``is_batch`` set."""
+    generator = torch.Generator().manual_seed(seed)
+    images = [MetaTensor(torch.randn(*shape[1:], generator=generator),
+                         affine=torch.diag(torch.tensor([1.5, 1.5, 2.0, 1.0], dtype=torch.float64)),
+                         meta={"filename_or_obj": f"case_{i}.nii.gz"}) for i in range(shape[0])]
+    return list_data_collate(images)
+
+
+def _listed(out) -> list[torch.Tensor]:  # noqa: ANN001
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _step(net: torch.nn.Module, x: MetaTensor) -> tuple[object, list[torch.Tensor | None]]:
+    """One training forward and backward: the output and every parameter's gradient."""
+    net.train().zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    out = net(x)
+    loss_of(out).backward()
+    return out, [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+
+
+def assert_same_output_as_parent(expected, got) -> None:  # noqa: ANN001
+    """Same container, and per tensor the same type, values and (for a MetaTensor) metadata as the parent's."""
+    assert type(got) is type(expected)
+    for e, g in zip(_listed(expected), _listed(got), strict=True):
+        assert type(g) is type(e), (type(g), type(e))
+        assert torch.equal(torch.as_tensor(g), torch.as_tensor(e))
+        if isinstance(e, MetaTensor):
+            assert g.is_batch == e.is_batch and torch.equal(g.affine, e.affine)
+            assert g.meta.keys() == e.meta.keys() and g.meta["filename_or_obj"] == e.meta["filename_or_obj"]
+
+
+def _assert_same_gradients(expected: list, got: list) -> None:
+    for e, g in zip(expected, got, strict=True):
+        assert (e is None and g is None) or torch.equal(g, e)
+
+
+def every_kind(child: torch.nn.Module) -> list[dict]:
+    """A policy with a group of every kind over the child's segments, in five runs: segments in full, each block on
+    its own, "cheap", "offload", then nested."""
+    segments = child.checkpoint_segments()
+    q = len(segments) // 5
+    names = [s.name for s in segments]
+    blocks = [b for s in segments[q:2 * q] for b in s.blocks]
+    return [{"names": names[:q]}, {"names": blocks}, {"names": names[2 * q:3 * q], "mode": "cheap"},
+            {"names": names[3 * q:4 * q], "mode": "offload"}, {"names": names[4 * q:], "mode": "nested"}]
+
+
+def _pair(network, config: str):  # noqa: ANN001, ANN202
+    """The parent and the child (policy "none") of ``config`` ("small" or "default"), with the same weights, and the
+    MetaTensor batch they train on."""
+    kwargs, shape = (network.small, network.small_shape) if config == "small" else (network.default,
+                                                                                    network.default_shape)
+    torch.manual_seed(0)
+    parent = network.parent(**kwargs)
+    child = network.child(**kwargs, checkpoint_policy="none")
+    child.load_state_dict(parent.state_dict())
+    return parent, child, metatensor_batch(shape)
+
+
+@pytest.mark.parametrize("config", ["small", "default"])
+@pytest.mark.parametrize("name", REGISTRY)
+def test_trains_and_evaluates_on_a_metatensor_batch_as_the_parent(name, config):
+    """One training step under a policy with a group of every kind, then an eval forward, in the small test
+    configuration and in the parent's default configuration at the smallest size it trains on. (Deterministic
+    algorithms: SwinUNETR's relative position bias gradient, an index accumulation, otherwise sums in a different
+    order from run to run, the parent's alike.)"""
+    network = REGISTRY[name]
+    parent, child, x = _pair(network, config)
+    if config == "default":
+        dims = x.ndim - 2
+        assert x.shape[2:] == child._trainable_size(child._padded((1,) * dims), child._single_voxel_norm(1))
+    child.checkpoint_policy = every_kind(child)
+    groups = child.checkpoint_groups()
+    assert {g.mode for g in groups} == {"full", "cheap", "offload"}
+    assert any(g.inner for g in groups) and any(len(g.names) == 1 and not g.inner for g in groups)
+    torch.use_deterministic_algorithms(True)
+    expected, grads = _step(parent, x)
+    got, child_grads = _step(child, x)
+    assert_same_output_as_parent(expected, got)
+    _assert_same_gradients(grads, child_grads)
+    with torch.no_grad():
+        assert_same_output_as_parent(parent.eval()(x), child.eval()(x))
+
+
+@pytest.mark.parametrize("policy", [*POLICY_KINDS, "budget"], ids=str)
+def test_each_policy_kind_alone_on_a_metatensor_batch(policy):
+    """Each kind of policy on its own (the policies know no network: UNet's small configuration), a planned one
+    included (the planner measures the network for the batch's shape)."""
+    parent, child, x = _pair(REGISTRY["unet"], "small")
+    expected, grads = _step(parent, x)
+    child.checkpoint_policy = {"budget_gb": 1.0} if policy == "budget" else policy
+    got, child_grads = _step(child, x)
+    assert_same_output_as_parent(expected, got)
+    _assert_same_gradients(grads, child_grads)
+    if policy == "budget":
+        assert child.checkpoint_plan is not None and child.checkpoint_plan.input_shape == tuple(x.shape)
