@@ -39,12 +39,28 @@ __all__ = [
     "CHECKPOINT_MODES",
     "checkpoint",
     "CheckpointedSequential",
+    "NATURAL_BLOCKS",
     "checkpoint_submodules",
     "cheap_keeps",
     "recomputed_by_cheap",
 ]
 
 CHECKPOINT_MODES = ("full", "cheap", "offload")
+
+# What `checkpoint_submodules(model)` checkpoints without names or predicate: for each of MONAI's networks (by class
+# name) the block classes a user would checkpoint by hand, outermost first. Names, not imports: this module needs
+# only torch. Any other model gets every MONAI block of these classes it holds.
+NATURAL_BLOCKS: dict[str, tuple[str, ...]] = {
+    "UNet": ("ResidualUnit", "Convolution"),
+    "VNet": ("InputTransition", "DownTransition", "UpTransition", "OutputTransition"),
+    "DynUNet": ("UnetBasicBlock", "UnetResBlock", "UnetUpBlock"),
+    "SegResNet": ("ResBlock",),
+    "SegResNetDS": ("SegResBlock",),
+    "AttentionUnet": ("ConvBlock", "AttentionBlock"),
+    "SwinUNETR": ("SwinTransformerBlock", "UnetResBlock"),
+    "BasicUNet": ("TwoConv",),
+    "BasicUNetPlusPlus": ("TwoConv",),
+}
 
 # Ops whose outputs "cheap" keeps: the expensive ones. Everything else is recomputed in backward.
 _KEEP_IN_CHEAP = {
@@ -315,6 +331,30 @@ def _checkpointing_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return forward(*args, **kwargs)
 
 
+def _natural_blocks(model: nn.Module) -> Callable[[str, nn.Module], bool]:
+    """The predicate `checkpoint_submodules` uses without ``names`` and ``predicate``: the MONAI block classes of
+    `NATURAL_BLOCKS` for ``model``'s class (for any other model, all of them); a ValueError that says what to pass
+    when ``model`` holds none."""
+    every = {b for kinds in NATURAL_BLOCKS.values() for b in kinds}
+    own = [cls.__name__ for cls in type(model).__mro__
+           if cls.__module__.startswith("monai.networks.nets") and cls.__name__ in NATURAL_BLOCKS]
+    blocks = NATURAL_BLOCKS[own[0]] if own else every
+
+    def is_block(name: str, module: nn.Module) -> bool:
+        cls = type(module)
+        return bool(name) and cls.__name__ in blocks and cls.__module__.startswith("monai.")
+
+    if not any(is_block(name, m) for name, m in model.named_modules()):
+        children = [name for name, _ in model.named_children()]
+        raise ValueError(
+            f"checkpoint_submodules({type(model).__name__}) without names or predicate checkpoints MONAI's natural "
+            f"blocks ({', '.join(sorted(every))}), and this model "
+            f"holds none: choose its blocks with names=[...] (its top-level submodules are {children}) or "
+            "predicate=lambda name, module: isinstance(module, YourBlock)."
+        )
+    return is_block
+
+
 def _within(name: str, parent: str) -> bool:
     return parent == "" or name == parent or name.startswith(parent + ".")
 
@@ -331,6 +371,9 @@ def checkpoint_submodules(
     `checkpoint` while it is in training mode. A submodule inside an already chosen one is skipped, so no
     recomputation is nested. Call again with ``mode=None`` to undo (for the same names/predicate).
     ``torch.jit.script`` needs the plain forward: undo before scripting (state_dict is unchanged either way).
+    Without ``names`` and ``predicate`` it chooses the network's natural blocks: for one of MONAI's networks the
+    block classes of `NATURAL_BLOCKS` (UNet: each ``ResidualUnit`` and the ``Convolution`` s outside them; SegResNet:
+    each ``ResBlock``...), for any other model every MONAI block of one of those classes it holds.
 
     Args:
         model: the network to modify.
@@ -341,15 +384,22 @@ def checkpoint_submodules(
     Returns:
         the names of the submodules that were changed, outermost first.
 
+    Raises:
+        ValueError: for names ``model`` does not have, a bad mode, a choice that would nest inside submodules
+            checkpointed already, or, without ``names`` and ``predicate``, a model that holds no MONAI block
+            (the message lists its submodules to pass as ``names``).
+
     Examples::
 
         from monai.networks.blocks import ResidualUnit
         from monai_ckpt import checkpoint_submodules
 
+        checkpoint_submodules(net)                      # MONAI's natural blocks of net
         checkpoint_submodules(net, predicate=lambda name, m: isinstance(m, ResidualUnit))
+        checkpoint_submodules(net, names=["model.0"])   # by name
     """
     if names is None and predicate is None:
-        raise ValueError("checkpoint_submodules needs `names`, `predicate` or both to choose submodules.")
+        predicate = _natural_blocks(model)
     if mode is not None and mode not in CHECKPOINT_MODES:
         raise ValueError(f"unknown checkpoint mode {mode!r}; valid modes are {', '.join(CHECKPOINT_MODES)}.")
     if isinstance(names, str):

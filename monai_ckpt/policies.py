@@ -18,7 +18,7 @@ Valid specs:
 - ``"cheap"``: every segment, keeping convolution outputs and recomputing only norm/activation/elementwise.
 - ``"offload"``: every segment's saved tensors go to (pinned) CPU memory; nothing is recomputed.
 - ``{"every": k}``: runs of k consecutive segments.
-- ``{"segments": k}``: k runs of (nearly) equal length over the whole network.
+- ``{"segments": k}``: k runs of (nearly) equal length over the whole network (k at most its number of segments).
 - a list of segment or block names, e.g. ``["encoder0", "decoder0.1"]``: those segments/blocks, each on
   its own. An inner list is one group: ``[["decoder0.0", "decoder0.1"], "decoder0.2"]`` recomputes the
   first two blocks of ``decoder0`` together and its last block on its own (the names of a group must be
@@ -46,6 +46,7 @@ Valid specs:
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,10 +68,8 @@ _OPTIMIZERS = ("adam", "sgd", "none")
 PolicySpec = Union[str, Sequence[str], dict]
 
 VALID_POLICIES_TEXT = (
-    f"{', '.join(repr(p) for p in NAMED_POLICIES)}, {{'every': k}}, {{'segments': k}}, "
-    "a list of segment/block names, lists of names (one group each) and/or such dicts, "
-    "or a dict of one of 'every'/'segments'/'kind'/'names' with an optional "
-    f"'mode' in {POLICY_MODES}, or {{'budget_gb': X}} with an optional 'optimizer' in {_OPTIMIZERS} and 'headroom_gb'"
+    f"{', '.join(repr(p) for p in NAMED_POLICIES)}, {{'every': k}}, {{'segments': k}}, {{'kind': ...}}, "
+    "{'names': [...]}, a list of segment/block names, {'budget_gb': X} (details: monai_ckpt.policies)"
 )
 
 
@@ -113,22 +112,45 @@ class CheckpointGroup:
 
 
 def _bad(spec: Any, why: str = "") -> ValueError:
+    """A spec of no known kind: the bad value first, a near miss it may be, then the valid kinds, once."""
+    hint = ""
+    if isinstance(spec, str):
+        close = difflib.get_close_matches(spec.lower(), NAMED_POLICIES, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
     why = f" ({why})" if why else ""
-    return ValueError(f"unknown checkpoint_policy {spec!r}{why}; valid policies are {VALID_POLICIES_TEXT}.")
+    return ValueError(f"unknown checkpoint_policy {spec!r}{hint}{why}; valid policies are {VALID_POLICIES_TEXT}.")
+
+
+def _bad_value(spec: Any, why: str) -> ValueError:
+    """A spec of a known kind with a bad value: the value first, then what would be right (no list of kinds)."""
+    return ValueError(f"bad checkpoint_policy {spec!r}: {why}.")
 
 
 def _positive_int(spec: Any, key: str) -> int:
     value = spec[key]
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _bad(spec, f"{key!r} must be a positive integer")
+        raise _bad_value(spec, f"{key!r} must be a positive integer, got {value!r}")
     return value
+
+
+def _unknown_keys(spec: dict, valid: Sequence[str]) -> ValueError:
+    unknown = sorted(map(str, set(spec) - set(valid)))
+    close = [difflib.get_close_matches(k, valid, n=1, cutoff=0.6) for k in unknown]
+    hint = "".join(f" (did you mean {c[0]!r} for {k!r}?)" for k, c in zip(unknown, close) if c)
+    if "budget_gb" in spec:
+        return _bad_value(spec, f"a budget policy takes only {list(_BUDGET_KEYS)}, not {unknown}{hint}")
+    return _bad_value(spec, f"unknown key(s) {unknown}{hint}; a policy dict takes one of 'every', 'segments', "
+                            "'kind', 'names' (and an optional 'mode'), or 'budget_gb' (and optional 'optimizer', "
+                            "'headroom_gb')")
 
 
 def validate_policy(spec: Any) -> PolicySpec:
     """Check that ``spec`` is a valid policy and return it in canonical form (lists as lists).
 
     Raises:
-        ValueError: with the list of valid policies, for anything else.
+        ValueError: for a spec of no known kind, the bad value, a near miss (``"ALL"``: did you mean ``'all'``?)
+            and the valid kinds; for a known kind with a bad value (``{"budget_gb": -1}``), the value and what
+            would be right.
     """
     if isinstance(spec, str):
         if spec not in NAMED_POLICIES:
@@ -136,44 +158,44 @@ def validate_policy(spec: Any) -> PolicySpec:
         return spec
     if isinstance(spec, (list, tuple)):
         if not spec or not all(isinstance(n, (str, dict)) or _is_name_group(n) for n in spec):
-            raise _bad(spec, "a list must hold one or more segment names, lists of names (one group each) or "
-                             "policy dicts")
+            raise _bad_value(spec, "a list must hold one or more segment names, lists of names (one group each) or "
+                                   "policy dicts")
         return [validate_policy(n) if isinstance(n, dict) else list(n) if isinstance(n, (list, tuple)) else n
                 for n in spec]
     if isinstance(spec, dict) and "budget_gb" in spec:
-        unknown = set(spec) - set(_BUDGET_KEYS)
-        if unknown:
-            raise _bad(spec, f"a budget policy takes only {list(_BUDGET_KEYS)}, not {sorted(unknown)}")
+        if set(spec) - set(_BUDGET_KEYS):
+            raise _unknown_keys(spec, _BUDGET_KEYS)
         budget = spec["budget_gb"]
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-            raise _bad(spec, "'budget_gb' must be a positive number of GiB")
+            raise _bad_value(spec, f"'budget_gb' must be a positive number of GiB, got {budget!r}")
         if spec.get("optimizer", "adam") not in _OPTIMIZERS:
-            raise _bad(spec, f"'optimizer' must be one of {_OPTIMIZERS}")
+            raise _bad_value(spec, f"'optimizer' must be one of {_OPTIMIZERS}, got {spec['optimizer']!r}")
         headroom = spec.get("headroom_gb")
         if "headroom_gb" in spec and (isinstance(headroom, bool) or not isinstance(headroom, (int, float))
                                       or not 0 < headroom < budget):
-            raise _bad(spec, "'headroom_gb' must be a positive number of GiB below 'budget_gb'")
+            raise _bad_value(spec, f"'headroom_gb' must be a positive number of GiB below 'budget_gb', got {headroom!r}")
         return dict(spec)
     if isinstance(spec, dict):
-        unknown = set(spec) - set(_DICT_KEYS)
-        if unknown:
-            raise _bad(spec, f"unknown key(s) {sorted(unknown)}")
+        if set(spec) - set(_DICT_KEYS):
+            raise _unknown_keys(spec, (*_DICT_KEYS, *_BUDGET_KEYS))
         selectors = [k for k in ("every", "segments", "kind", "names") if k in spec]
         if len(selectors) != 1:
-            raise _bad(spec, "give exactly one of 'every', 'segments', 'kind', 'names'")
+            raise _bad_value(spec, "give exactly one of 'every', 'segments', 'kind', 'names'")
         if spec.get("mode", "full") not in POLICY_MODES:
-            raise _bad(spec, f"'mode' must be one of {POLICY_MODES}")
+            raise _bad_value(spec, f"'mode' must be one of {POLICY_MODES}, got {spec['mode']!r}")
         key = selectors[0]
         if key in ("every", "segments"):
             _positive_int(spec, key)
         elif key == "kind" and spec["kind"] not in SEGMENT_KINDS:
-            raise _bad(spec, f"'kind' must be one of {SEGMENT_KINDS}")
+            raise _bad_value(spec, f"'kind' must be one of {SEGMENT_KINDS}, got {spec['kind']!r}")
         elif key == "names" and spec.get("mode") == NESTED:
             return {**spec, "names": _validate_nested_names(spec)}
         elif key == "names":
             names = spec["names"]
             if isinstance(names, (list, tuple)) and any(isinstance(n, dict) for n in names):
-                raise _bad(spec, "'names' holds segment/block names and lists of them, not policy dicts")
+                raise _bad_value(spec, "'names' holds segment/block names and lists of them, not policy dicts")
+            if isinstance(names, str):
+                raise _bad_value(spec, f"'names' takes a list of segment/block names, e.g. {{'names': [{names!r}]}}")
             validate_policy(names)
         return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in spec.items()}
     raise _bad(spec)
@@ -189,24 +211,24 @@ def _validate_nested_names(spec: dict) -> list:
            "each of its blocks an inner run) or outer groups: lists of inner runs, each a name or a list of names, "
            "or {'plain': names} for blocks run without an inner checkpoint")
     if not isinstance(names, (list, tuple)) or not names:
-        raise _bad(spec, why)
+        raise _bad_value(spec, why)
     canonical: list = []
     for entry in names:
         if isinstance(entry, str):
             canonical.append(entry)
             continue
         if not isinstance(entry, (list, tuple)) or not entry:
-            raise _bad(spec, why)
+            raise _bad_value(spec, why)
         group: list = []
         for item in entry:
             if isinstance(item, dict):
                 if set(item) != {"plain"} or not (isinstance(item["plain"], str) or _is_name_group(item["plain"])):
-                    raise _bad(spec, why)
+                    raise _bad_value(spec, why)
                 item = {"plain": [item["plain"]] if isinstance(item["plain"], str) else list(item["plain"])}
             elif _is_name_group(item):
                 item = list(item)
             elif not isinstance(item, str):
-                raise _bad(spec, why)
+                raise _bad_value(spec, why)
             group.append(item)
         canonical.append(group)
     return canonical
@@ -281,6 +303,10 @@ def resolve_policy(spec: Any, segments: Sequence[Segment]) -> list[CheckpointGro
     elif isinstance(spec, dict) and "every" in spec:
         runs = [list(segments[r.start : r.stop]) for r in _runs(n, spec["every"])]
     elif isinstance(spec, dict) and "segments" in spec:
+        if spec["segments"] > n:
+            raise ValueError(f"checkpoint_policy {{'segments': {spec['segments']}}} asks for more runs than this "
+                             f"network has segments ({n}): give at most {{'segments': {n}}} (one run per segment, "
+                             "as 'all').")
         runs = [list(segments[r.start : r.stop]) for r in _even_runs(n, spec["segments"])]
     else:
         return _named_groups(spec, segments, mode)

@@ -1,4 +1,4 @@
-"""The layers of docs/architecture.md, read from the source: who imports whom inside monai_ckpt."""
+"""The layers of docs/developer/architecture.md, read from the source: who imports whom inside monai_ckpt."""
 
 import ast
 from pathlib import Path
@@ -11,6 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "monai_ckpt"
 # modules of the same rank know nothing of each other (profiling measures any network without importing one).
 RANKS = {
     "monai_ckpt.io": 0,
+    "monai_ckpt.arguments": 0,
+    "monai_ckpt.lazy": 0,
     "monai_ckpt.checkpoint": 0,
     "monai_ckpt.policies": 1,
     "monai_ckpt.chain": 2,
@@ -22,6 +24,8 @@ RANKS = {
     "monai_ckpt.benchmark": 6,
     "monai_ckpt.plan": 6,
     "monai_ckpt.handlers": 6,
+    "monai_ckpt.inferers": 6,
+    "monai_ckpt.nnunet": 6,
     "monai_ckpt": 9,
 }
 # The one upward arrow: a {"budget_gb": X} policy plans on the first training forward (imported there, lazily).
@@ -126,3 +130,30 @@ def test_core_stands_on_torch_alone(module):
     import sys
 
     assert third_party <= {"torch", "__future__", *sys.stdlib_module_names}, third_party
+
+
+# nnU-Net is optional (pip install monai-ckpt[nnunet]): only monai_ckpt.nnunet may import it, so `import monai_ckpt`
+# and every other module work without it
+OPTIONAL = ("nnunetv2", "dynamic_network_architectures", "timm", "torchvision")
+
+
+def test_only_monai_ckpt_nnunet_imports_nnunet():
+    outside = {(name, target) for name, path in MODULES.items() if not name.startswith("monai_ckpt.nnunet")
+               for target, _ in _imports(path) if target.split(".")[0] in OPTIONAL}
+    assert outside == set()
+    networks = _imports(MODULES["monai_ckpt.nnunet.networks"])
+    assert any(t.startswith("dynamic_network_architectures") for t, _ in networks)
+
+
+def test_import_monai_ckpt_without_nnunet_installed():
+    """In a process where nnU-Net's packages cannot be imported, the package and its CLIs' modules still import."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nclass Hide:\n    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name.split('.')[0] in {OPTIONAL!r}: raise ModuleNotFoundError('hidden: ' + name, name=name)\n"
+            "sys.meta_path.insert(0, Hide())\nimport monai_ckpt, monai_ckpt.plan, monai_ckpt.benchmark\n"
+            "try:\n    import monai_ckpt.nnunet\nexcept ImportError as e:\n    print('nnunet:', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "nnunet: " in proc.stdout and "monai-ckpt[nnunet]" in proc.stdout

@@ -28,7 +28,7 @@ DYNUNET_DS = dict(DYNUNET, deep_supervision=True, deep_supr_num=1, res_block=Tru
 # backend. inductor takes 30-200 s per network to generate kernels on 2 busy cores, so only the UNet uses it here;
 # the others stop one step short of code generation: the same Dynamo trace, joint graph, decompositions and
 # min-cut partitioner as inductor, where recomputation, RNG replay and BatchNorm updates are decided. Every case
-# under inductor: MONAI_CKPT_COMPILE_BACKEND=inductor python -m pytest -q tests/test_compile.py (docs/benchmarks.md).
+# under inductor: MONAI_CKPT_COMPILE_BACKEND=inductor python -m pytest -q tests/test_compile.py (docs/benchmarks/compile.md).
 _FAST = os.environ.get("MONAI_CKPT_COMPILE_BACKEND", "aot_eager_decomp_partition")
 CASES = {
     "unet-all": (UNet, CheckpointUNet, UNET, "all", (2, 1, 8, 8, 8), "inductor"),

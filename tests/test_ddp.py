@@ -39,6 +39,21 @@ RUNS = {
                   {"every": 2}, VOLUME),
 }
 
+# nnU-Net's ResEnc network with its deep-supervision heads, where the optional extra is installed (CI runs the nnunet
+# marker in an environment that has it): test_ddp_nnunet_resenc_two_cpu_processes
+NNUNET_RUNS = {}
+try:
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    from monai_ckpt.nnunet import CheckpointResidualEncoderUNet
+
+    NNUNET_RUNS["nnunet-resenc-ds"] = (ResidualEncoderUNet, CheckpointResidualEncoderUNet, dict(
+        input_channels=1, n_stages=3, features_per_stage=(4, 8, 16), conv_op=torch.nn.Conv3d, kernel_sizes=3,
+        strides=(1, 2, 2), n_blocks_per_stage=(1, 2, 2), num_classes=2, n_conv_per_stage_decoder=1, conv_bias=True,
+        norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"affine": True}, nonlin=torch.nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True}, deep_supervision=True), "all", VOLUME)
+except ModuleNotFoundError:
+    pass
 
 def _release() -> None:
     """End a worker's process group once its DDP modules are gone. A DDP module released after the group was
@@ -48,20 +63,21 @@ def _release() -> None:
     dist.destroy_process_group()
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, nnunet: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         results = {}
-        for run, (plain_cls, ckpt_cls, cfg, policy, shape) in RUNS.items():
+        for run, (plain_cls, ckpt_cls, cfg, policy, shape) in (NNUNET_RUNS if nnunet else RUNS).items():
             for name, net in _pair(plain_cls, ckpt_cls, cfg, policy):
                 net = DDP(net)
                 opt = torch.optim.SGD(net.parameters(), lr=0.1)
                 for step in range(2):
                     torch.manual_seed(100 * step + rank)
                     x = torch.randn(*shape)
-                    net(x).square().mean().backward()
+                    out = net(x)
+                    sum(o.square().mean() for o in (out if isinstance(out, list) else [out])).backward()
                     opt.step()
                     opt.zero_grad()
                 results[(run, name)] = {k: v.clone() for k, v in net.module.state_dict().items()}
@@ -83,12 +99,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(300)
-def test_ddp_two_cpu_processes(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def _assert_ddp_trains_as_the_plain_network(runs: dict, nnunet: bool, tmp_path) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), nnunet), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
-    for run, (plain_cls, _, cfg, _, _) in RUNS.items():
+    for run, (plain_cls, _, cfg, _, _) in runs.items():
         plain = r0[(run, "plain")]
         for key, ref in plain.items():
             assert torch.equal(r0[(run, "ckpt")][key], ref), (run, key)
@@ -99,6 +114,17 @@ def test_ddp_two_cpu_processes(tmp_path):
         init = plain_cls(**cfg).state_dict()
         assert any(not torch.equal(init[k], v) for k, v in plain.items()), run
 
+
+@pytest.mark.timeout(300)
+def test_ddp_two_cpu_processes(tmp_path):
+    _assert_ddp_trains_as_the_plain_network(RUNS, False, tmp_path)
+
+
+@pytest.mark.nnunet
+@pytest.mark.timeout(300)
+def test_ddp_nnunet_resenc_two_cpu_processes(tmp_path):
+    pytest.importorskip("dynamic_network_architectures")
+    _assert_ddp_trains_as_the_plain_network(NNUNET_RUNS, True, tmp_path)
 
 UNET4 = dict(spatial_dims=3, in_channels=1, out_channels=4, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 

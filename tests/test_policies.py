@@ -32,7 +32,7 @@ def test_chunked_policies():
     assert [g for g, _ in groups("sqrt")] == [tuple(NAMES[0:3]), tuple(NAMES[3:6]), tuple(NAMES[6:8])]
     assert [g for g, _ in groups({"every": 4})] == [tuple(NAMES[:4]), tuple(NAMES[4:])]
     assert [g for g, _ in groups({"segments": 3})] == [tuple(NAMES[0:3]), tuple(NAMES[3:5]), tuple(NAMES[5:8])]
-    assert [g for g, _ in groups({"segments": 99})] == [(n,) for n in NAMES]
+    assert [g for g, _ in groups({"segments": len(NAMES)})] == [(n,) for n in NAMES]
     assert groups({"every": 2, "mode": "cheap"})[0] == (("encoder0", "encoder1"), "cheap")
 
 
@@ -48,17 +48,24 @@ def test_specs_survive_json():
     assert validate_policy(("encoder0",)) == ["encoder0"]
 
 
+@pytest.mark.parametrize("spec", ["fast", 3, None])
+def test_invalid_specs_list_the_valid_ones(spec):
+    with pytest.raises(ValueError, match="valid policies are 'none', 'all', 'blocks', 'encoder'.*'sqrt', 'cheap', 'offload'"):
+        validate_policy(spec)
+
+
 @pytest.mark.parametrize("spec, why", [
-    ("fast", ""), (3, ""), (None, ""), ([], "one or more segment names"), ({"every": 0}, "positive integer"),
+    ([], "one or more segment names"), ({"every": 0}, "positive integer"),
     ({"every": 2.5}, "positive integer"), ({"every": True}, "positive integer"),
     ({"every": 2, "segments": 2}, "exactly one of"), ({"mode": "cheap"}, "exactly one of"),
     ({"every": 2, "mode": "fast"}, "'mode' must be one of"), ({"kind": "middle"}, "'kind' must be one of"),
     ({"budget": 8}, "unknown key"),
 ])
-def test_invalid_specs_list_the_valid_ones(spec, why):
-    with pytest.raises(ValueError, match="valid policies are 'none', 'all', 'blocks', 'encoder'.*'sqrt', 'cheap', 'offload'") as e:
+def test_a_bad_value_of_a_known_kind_says_what_is_right(spec, why):
+    """The bad value first, then what would be right; not the list of every kind of policy."""
+    with pytest.raises(ValueError, match=r"^bad checkpoint_policy ") as e:
         validate_policy(spec)
-    assert why in str(e.value)
+    assert why in str(e.value) and "valid policies are" not in str(e.value)
 
 
 def test_unknown_segment_name_lists_the_real_ones():
@@ -126,3 +133,27 @@ def test_inner_lists_are_groups_of_consecutive_blocks():
         validate_policy([[]])
     with pytest.raises(ValueError, match="lists of names"):
         validate_policy([["decoder0.0", 3]])
+
+
+@pytest.mark.parametrize("spec, meant", [("ALL", "all"), ("alll", "all"), ("Cheap", "cheap"), ("encoders", "encoder")])
+def test_a_near_miss_gets_did_you_mean_and_the_valid_list_once_and_short(spec, meant):
+    with pytest.raises(ValueError) as e:
+        validate_policy(spec)
+    message = str(e.value)
+    assert message.startswith(f"unknown checkpoint_policy {spec!r} (did you mean {meant!r}?); valid policies are ")
+    assert message.count("valid policies") == 1 and message.count("'sqrt'") == 1 and len(message) < 350
+
+
+def test_a_bad_budget_is_a_bad_value_not_an_unknown_policy():
+    with pytest.raises(ValueError, match=r"^bad checkpoint_policy \{'budget_gb': -1\}: 'budget_gb' must be a positive "
+                                         r"number of GiB, got -1\.$"):
+        validate_policy({"budget_gb": -1})
+    with pytest.raises(ValueError, match=r"takes only \['budget_gb', 'optimizer', 'headroom_gb'\], not \['optimiser'\] "
+                                         r"\(did you mean 'optimizer'"):
+        validate_policy({"budget_gb": 4, "optimiser": "sgd"})
+
+
+def test_more_segments_than_the_network_has_is_an_error():
+    with pytest.raises(ValueError, match=r"\{'segments': 9\} asks for more runs than this network has segments \(8\): "
+                                         r"give at most \{'segments': 8\}"):
+        resolve_policy({"segments": 9}, SEGS)

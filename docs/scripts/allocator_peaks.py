@@ -1,4 +1,4 @@
-"""docs/benchmarks.md, "What the live-tensor figures count": one training step of each policy measured three ways on
+"""docs/benchmarks/index.md, "What the live-tensor figures count": one training step of each policy measured three ways on
 the CPU, real tensors:
 
 - live tensors: the benchmark's figure (torch's MemTracker, a TorchDispatchMode);

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md, AttentionUnet: what the top level costs. Policies that differ in how much below the top level
+"""docs/benchmarks/attentionunet.md: what the top level costs. Policies that differ in how much below the top level
 they checkpoint, all with the top level (``encoder0`` and the up-convolution and gate of ``decoder0``) whole: the
 peak at 128^3 (estimate, Adam, mean(out**2)) and the step time at 64^3 batch 1 relative to the plain parent (CPU,
 2 threads, interleaved in one process, user CPU time: `step_time_ratios(clock="user")`; median of 3 runs of 5 steps).

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md, "Planned policies: the fast target": the plans the planner chose at 55% of the plain
+"""docs/benchmarks/unet.md, "Planned policies: the fast target": the plans the planner chose at 55% of the plain
 256^3 batch-2 peak in this round's runs (its time profile is measured, so calls on a busy machine can choose
 different plans of nearly equal predicted cost) and "all": peak (fake tensors) and step-time ratios at 96^3
 batch 1 on the CPU (interleaved, median of 7 after 1 warm-up), repeated 5 times in one process; prints each

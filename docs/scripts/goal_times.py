@@ -1,4 +1,4 @@
-"""docs/benchmarks.md, "The newer networks against the goal": for each network, the peak of one training step at its
+"""docs/benchmarks/goal.md, "The newer networks against the goal": for each network, the peak of one training step at its
 clinical size (estimate: exact live-tensor bytes on fake tensors, Adam, mean(out**2)) and the step time at 64^3
 batch 1 (measured on the CPU, interleaved in one process: the median of 3 runs, each the median of 5 steps after a
 warm-up; by the process's CPU time, and by its user time alone, which leaves out the kernel's page faults) of the

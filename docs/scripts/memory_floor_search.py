@@ -1,4 +1,4 @@
-"""docs/benchmarks.md, "The least memory under the drop-in contract": every way to cut the benchmark UNet's
+"""docs/benchmarks/unet.md, "The least memory under the drop-in contract": every way to cut the benchmark UNet's
 level-0 and level-1 blocks (encoder0-1, decoder1-0: 10 blocks) into consecutive full-recompute groups, with the
 deeper levels (encoder2 .. decoder2) as one unit that joins a neighbouring group or stands alone, as one group
 or one group per segment: 1280 policies, each block recomputed at most once. Fake-tensor peak of one training

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md, "Nested recomputation (opt-in)": least peaks with and without the nested mode.
+"""docs/benchmarks/unet.md, "Nested recomputation (opt-in)": least peaks with and without the nested mode.
 
     python docs/scripts/nested_policies.py unet     # benchmark UNet 256^3 b2: fp32, bf16, DiceCE (fake tensors)
     python docs/scripts/nested_policies.py time     # its step time at 96^3 b1 on the CPU (interleaved, median of 7)

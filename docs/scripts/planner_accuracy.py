@@ -1,4 +1,4 @@
-"""docs/planner.md accuracy table: predicted peak vs the real MemTracker peak on the CPU."""
+"""docs/benchmarks/planner.md accuracy table: predicted peak vs the real MemTracker peak on the CPU."""
 import json, torch
 from monai_ckpt.planner.search import Planner
 from monai_ckpt.networks.presets import network_factory

@@ -1,4 +1,4 @@
-"""docs/planner.md, docs/benchmarks.md: the planner's plan vs the fixed policies that fit, per budget.
+"""docs/benchmarks/planner.md, docs/benchmarks/segresnet.md, docs/benchmarks/attentionunet.md: the planner's plan vs the fixed policies that fit, per budget.
 
 For each budget (a fraction of the plain peak at --plan-shape): the plan, and every fixed policy whose peak fits
 (fake-tensor MemTracker peaks, exact); then the step-time ratios of all of them, measured on the CPU at

@@ -1,4 +1,4 @@
-"""docs/planner.md, "Accuracy under the user's loss": plans made with the user's loss (and, for comparison, with the
+"""docs/benchmarks/planner.md, "Accuracy under the user's loss": plans made with the user's loss (and, for comparison, with the
 default mean(out**2)) at budgets 90% and 60% of the way from the least peak ("all") to the plain peak, each run
 for real on the CPU with the user's loss (MemTracker, exact live-tensor bytes, real tensors, Adam). The 104-class
 rows are estimate mode (fake tensors, the loss replayed from its small-size measurement: no real run).

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md, "A merge without the concatenation (measured, not shipped)": the benchmark UNet with each
+"""docs/benchmarks/unet.md, "A merge without the concatenation (measured, not shipped)": the benchmark UNet with each
 decoder's merge computed as two convolutions over the skip and the upsampled tensor, the weight split along its
 input channels (same parameters; the sum rounds differently from one convolution over the concatenation, so it
 is not bit-identical to MONAI's). Fake-tensor peaks at 256^3 batch 2 against the unmodified network, the

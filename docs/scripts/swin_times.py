@@ -1,4 +1,4 @@
-"""docs/benchmarks.md: step-time ratios of SwinUNETR (BTCV preset) at 64^3 batch 1: plain, our "blocks",
+"""docs/benchmarks/swinunetr.md: step-time ratios of SwinUNETR (BTCV preset) at 64^3 batch 1: plain, our "blocks",
 MONAI's use_checkpoint=True, checkpoint_submodules on its natural blocks; interleaved in one process, process CPU time, median of 3 after 1 warm-up."""
 import torch
 from monai.networks.nets import SwinUNETR

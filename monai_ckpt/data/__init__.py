@@ -12,13 +12,30 @@
 - ``monai_ckpt/data/cli.py``: ``python -m monai_ckpt.data brain-tissue|synthetic|check ...``.
 """
 
-from ..io import atomic_path
-from .checks import DataCheckError, check_datalist, check_weights_file, load_checked_datalist
-from .cli import main
-from .errors import brief_error, install_brief_errors
-from .datasets import BRAIN_TISSUE_LABELS, make_brain_tissue_dataset, make_multichannel_dataset, make_synthetic_dataset
-from .overlay import save_bundle_overlay, save_overlay_png
-from .writers import AtomicNibabelWriter, save_nifti_atomic
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_attributes
+
+# public name -> the module that defines it (imported on first use: ``python -m monai_ckpt.data --help`` needs none)
+_LAZY = {
+    "BRAIN_TISSUE_LABELS": ".datasets",
+    "AtomicNibabelWriter": ".writers",
+    "DataCheckError": ".checks",
+    "atomic_path": "..io",
+    "brief_error": ".errors",
+    "check_datalist": ".checks",
+    "check_weights_file": ".checks",
+    "install_brief_errors": ".errors",
+    "load_checked_datalist": ".checks",
+    "main": ".cli",
+    "make_brain_tissue_dataset": ".datasets",
+    "make_multichannel_dataset": ".datasets",
+    "make_synthetic_dataset": ".datasets",
+    "save_bundle_overlay": ".overlay",
+    "save_nifti_atomic": ".writers",
+    "save_overlay_png": ".overlay",
+}
+_SUBMODULES = ("checks", "cli", "datasets", "errors", "overlay", "writers")
 
 __all__ = [
     "BRAIN_TISSUE_LABELS",
@@ -38,3 +55,19 @@ __all__ = [
     "save_nifti_atomic",
     "save_overlay_png",
 ]
+
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES)
+
+if TYPE_CHECKING:
+    from ..io import atomic_path
+    from .checks import DataCheckError, check_datalist, check_weights_file, load_checked_datalist
+    from .cli import main
+    from .datasets import (
+        BRAIN_TISSUE_LABELS,
+        make_brain_tissue_dataset,
+        make_multichannel_dataset,
+        make_synthetic_dataset,
+    )
+    from .errors import brief_error, install_brief_errors
+    from .overlay import save_bundle_overlay, save_overlay_png
+    from .writers import AtomicNibabelWriter, save_nifti_atomic

@@ -1,6 +1,6 @@
 """Checks of a dataset before anything is trained or written: `check_datalist` and `load_checked_datalist`
-(missing or truncated files, image/label shape or affine mismatch, label values outside the classes, empty list;
-one `DataCheckError` names every bad file)."""
+(missing, truncated or empty files, image/label shape or affine mismatch, label values outside the classes, empty
+list; one `DataCheckError` names every bad file)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-__all__ = ["DataCheckError", "check_datalist", "check_weights_file", "load_checked_datalist"]
+__all__ = ["DataCheckError", "check_datalist", "check_weights_file", "declared_labels", "load_checked_datalist"]
 
 
 class DataCheckError(ValueError):
@@ -45,13 +45,14 @@ def check_datalist(
     atol: float = 1e-3,
     source: str | os.PathLike | None = None,
     max_errors: int = 20,
+    label_values: Mapping[int, str] | None = None,
 ) -> list[dict]:
     """Check a segmentation datalist before training, evaluation or inference; returns it unchanged.
 
-    Every item must have ``image_key`` naming a readable NIfTI (or other nibabel) file. Where an item has
-    ``label_key``, the label must have the image's spatial shape and affine (to ``atol`` mm) and, with
-    ``num_classes``, integer values in ``0 .. num_classes - 1``. With ``read_data`` every file is read in full
-    (this finds truncated files; headers alone are read otherwise).
+    Every item must have ``image_key`` naming a readable NIfTI (or other nibabel) file holding at least one voxel.
+    Where an item has ``label_key``, the label must have the image's spatial shape and affine (to ``atol`` mm) and,
+    with ``num_classes``, integer values in ``0 .. num_classes - 1`` (with ``label_values``, one of those values).
+    With ``read_data`` every file is read in full (this finds truncated files; headers alone are read otherwise).
 
     Args:
         datalist: list of dicts such as ``{"image": path, "label": path}`` (``load_decathlon_datalist`` output).
@@ -62,6 +63,8 @@ def check_datalist(
         atol: tolerance for comparing image and label affines.
         source: where the list came from (a dataset.json), named in the errors.
         max_errors: at most this many problems are listed in the error.
+        label_values: the label values a dataset declares (``dataset.json``'s ``labels``: value -> name); a label
+            value not among them is an error (with ``read_data``).
 
     Raises:
         DataCheckError: (a ``ValueError``) listing every problem found, each naming its file.
@@ -74,7 +77,7 @@ def check_datalist(
         if len(errors) >= max_errors:
             break
         try:
-            _check_item(item, i, num_classes, image_key, label_key, read_data, atol)
+            _check_item(item, i, num_classes, image_key, label_key, read_data, atol, label_values)
         except DataCheckError as e:
             errors.append(str(e))
     if errors:
@@ -84,7 +87,7 @@ def check_datalist(
 
 
 def _check_item(item: Mapping, index: int, num_classes: int | None, image_key: str, label_key: str,
-                read_data: bool, atol: float) -> None:
+                read_data: bool, atol: float, label_values: Mapping[int, str] | None = None) -> None:
     if not isinstance(item, Mapping) or image_key not in item:
         raise DataCheckError(f"item {index} has no {image_key!r} key: {item!r}")
     paths = {k: str(item[k]) for k in (image_key, label_key) if k in item}
@@ -93,6 +96,10 @@ def _check_item(item: Mapping, index: int, num_classes: int | None, image_key: s
             raise DataCheckError(f"{path}: {key} file not found (item {index}); fix the path in the dataset list or "
                                  "--dataset_dir")
     imgs = {k: _load_header(p) for k, p in paths.items()}
+    for key, img in imgs.items():
+        if not img.shape or 0 in img.shape:
+            raise DataCheckError(f"{paths[key]}: the {key} has no voxels (shape {tuple(img.shape)}); replace the "
+                                 "file or remove it from the dataset list")
     arrays = {k: _read_array(img, paths[k]) for k, img in imgs.items()} if read_data else {}
     if label_key not in imgs:
         return
@@ -106,12 +113,19 @@ def _check_item(item: Mapping, index: int, num_classes: int | None, image_key: s
         raise DataCheckError(f"{paths[label_key]}: label affine does not match the affine of {paths[image_key]}:\n"
                              f"{np.array2string(label.affine, precision=3)}\nvs\n"
                              f"{np.array2string(image.affine, precision=3)}")
-    if num_classes is not None and read_data:
+    if (num_classes is not None or label_values is not None) and read_data:
         values = np.unique(arrays[label_key])
-        bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < num_classes]
-        if bad:
-            raise DataCheckError(f"{paths[label_key]}: label values {bad[:10]} are outside the classes "
-                                 f"0..{num_classes - 1}; fix the label values or the number of classes")
+        if label_values is not None:
+            bad = [v for v in values.tolist() if v not in label_values]
+            if bad:
+                declared = ", ".join(f"{k} {v}" for k, v in sorted(label_values.items()))
+                raise DataCheckError(f"{paths[label_key]}: label values {bad[:10]} are not among the labels the "
+                                     f"dataset declares ({declared}); fix the label values or dataset.json's labels")
+        if num_classes is not None:
+            bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < num_classes]
+            if bad:
+                raise DataCheckError(f"{paths[label_key]}: label values {bad[:10]} are outside the classes "
+                                     f"0..{num_classes - 1}; fix the label values or the number of classes")
 
 
 def load_checked_datalist(
@@ -120,6 +134,7 @@ def load_checked_datalist(
     num_classes: int | None = None,
     datalist_file: str | os.PathLike | None = None,
     read_data: bool = True,
+    label_values: Mapping[int, str] | None = None,
 ) -> list[dict]:
     """``monai.data.load_decathlon_datalist`` of an MSD-layout dataset, checked with `check_datalist`.
 
@@ -128,7 +143,7 @@ def load_checked_datalist(
         data_list_key: ``"training"``, ``"test"`` or any other list in the JSON.
         num_classes: see `check_datalist`.
         datalist_file: the JSON file, by default ``dataset_dir/dataset.json``.
-        read_data: see `check_datalist`.
+        read_data, label_values: see `check_datalist`.
     """
     from monai.data import load_decathlon_datalist
 
@@ -141,7 +156,28 @@ def load_checked_datalist(
         datalist = load_decathlon_datalist(datalist_file, True, data_list_key, dataset_dir)
     except (ValueError, json.JSONDecodeError) as e:
         raise DataCheckError(f"{datalist_file}: {e}") from e
-    return check_datalist(datalist, num_classes, read_data=read_data, source=datalist_file)
+    return check_datalist(datalist, num_classes, read_data=read_data, source=datalist_file, label_values=label_values)
+
+
+def declared_labels(datalist_file: str | os.PathLike) -> dict[int, str] | None:
+    """The label values an MSD ``dataset.json`` declares (its ``labels``: ``{"0": "background", ...}``), as
+    value -> name; None when it declares none.
+
+    Raises:
+        DataCheckError: for a file that is not such JSON, or labels whose keys are not integers.
+    """
+    try:
+        meta = json.loads(Path(datalist_file).read_text())
+    except (OSError, ValueError) as e:
+        raise DataCheckError(f"{datalist_file}: cannot read it as JSON ({e})") from e
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if not labels:
+        return None
+    try:
+        return {int(k): str(v) for k, v in labels.items()}
+    except (AttributeError, ValueError) as e:
+        raise DataCheckError(f"{datalist_file}: 'labels' must map label values to names, e.g. "
+                             f'{{"0": "background", "1": "spleen"}}, got {labels!r}') from e
 
 
 def check_weights_file(path: str | os.PathLike) -> str:

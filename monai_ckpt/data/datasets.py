@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_path
+from ..io import atomic_path, fsync_dir, is_temporary
 from .writers import save_nifti_atomic
 
-__all__ = ["BRAIN_TISSUE_LABELS", "make_brain_tissue_dataset", "make_multichannel_dataset", "make_synthetic_dataset"]
+__all__ = ["BRAIN_TISSUE_LABELS", "make_brain_tissue_dataset", "make_multichannel_dataset", "make_synthetic_dataset",
+           "prepare_dataset_dir"]
 
 BRAIN_TISSUE_LABELS = {"0": "background", "1": "CSF/other", "2": "grey matter", "3": "white matter"}
 MNI152_FILES = {
@@ -53,6 +56,68 @@ def _write_dataset_json(output: Path, name: str, description: str, labels: Mappi
     }
     with atomic_path(output / "dataset.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=4) + "\n")  # the model zoo's pretty-format-json form
+
+
+# what the generators here write: folder in the dataset -> file names; any other file there is the user's
+_CASE = r"(case|brain)_\d{3}\.nii(\.gz)?"
+_OWN_FILES = {"": r"dataset\.json|NOTICE\.md", "imagesTr": _CASE, "labelsTr": _CASE, "imagesTs": _CASE}
+_FOLDERS = ("imagesTr", "labelsTr", "imagesTs")
+
+
+def _own(relative: str) -> bool:
+    """Whether ``relative`` (a path in a dataset folder) is a file these generators write, or its temporary."""
+    folder, _, name = relative.rpartition("/")
+    pattern = _OWN_FILES.get(folder)
+    return pattern is not None and (re.fullmatch(pattern, name) is not None or is_temporary(name, pattern))
+
+
+def prepare_dataset_dir(output_dir: str | os.PathLike, listed: Iterable[str], overwrite: bool = False) -> list[Path]:
+    """Check that ``output_dir`` can take a new dataset before anything is written, and say what of an old one to
+    remove once the new one is complete.
+
+    An empty or missing folder is always fine. A folder with files takes a new dataset only with ``overwrite``, and
+    only if every file in it is one these generators write in their layout (``dataset.json``, ``NOTICE.md``,
+    ``imagesTr|labelsTr|imagesTs/case_NNN.nii[.gz]`` or ``brain_NNN.nii.gz``, and `monai_ckpt.io.atomic_path`'s
+    temporaries of them): a user's other files are never removed or overwritten.
+
+    Args:
+        output_dir: the dataset folder.
+        listed: the files (relative to ``output_dir``, ``"imagesTr/case_000.nii.gz"``) the new dataset writes.
+        overwrite: replace a dataset already there.
+
+    Returns:
+        the files of the old dataset the new one does not list: remove them (`_remove_stale`) after writing it.
+
+    Raises:
+        FileExistsError: the folder holds files and ``overwrite`` is off, or it holds files that are not a
+            dataset's of this layout (named in the message).
+    """
+    output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"{output} is a file, not a folder: choose a folder for the dataset")
+    if not output.is_dir() or not any(output.iterdir()):
+        return []
+    files = sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if not p.is_dir())
+    foreign = [f for f in files if not _own(f)]
+    if foreign:
+        more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
+        raise FileExistsError(
+            f"{output} holds files that are not part of a dataset this tool writes: {', '.join(foreign[:10])}{more}; "
+            "they are never removed or overwritten: move them, or choose an empty folder")
+    if not overwrite:
+        raise FileExistsError(
+            f"{output} is not empty (a dataset of {len(files)} files): pass --overwrite (in Python overwrite=True) to "
+            "replace it (its files the new dataset does not list are then removed), or choose an empty folder")
+    keep = {Path(f).as_posix() for f in listed}
+    return [output / f for f in files if f not in keep]
+
+
+def _remove_stale(files: Sequence[Path]) -> None:
+    """Remove the old dataset's files that the new one does not list (after the new one is complete)."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for folder in {path.parent for path in files}:
+        fsync_dir(folder)
 
 
 def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -125,6 +190,7 @@ def make_brain_tissue_dataset(
     spacing: float = 2.0,
     noise: float = 0.01,
     subjects: Sequence[int] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Derive the 4-class brain-tissue dataset from the MNI ICBM152 2009a template, in MSD layout.
 
@@ -143,11 +209,29 @@ def make_brain_tissue_dataset(
         spacing: output voxel size in mm.
         noise: noise standard deviation, as a fraction of the intensity range.
         subjects: write only these subject indices (0 .. num_training + num_test - 1); all by default.
+        overwrite: replace a dataset already in ``output_dir`` (see `prepare_dataset_dir`).
 
     Returns:
         The dataset folder.
+
+    Raises:
+        FileNotFoundError: the template files are not in ``source_dir``.
+        FileExistsError: ``output_dir`` is not empty (see `prepare_dataset_dir`).
     """
     source, output = Path(source_dir), Path(output_dir)
+    _check_counts(num_training, num_test)
+    if spacing <= 0:
+        raise ValueError(f"spacing must be a positive number of mm, got {spacing}")
+    wanted_files = [*MNI152_FILES.values(), "NOTICE.md"]
+    missing = [f for f in wanted_files if not (source / f).is_file()]
+    if missing:
+        where = "the folder does not exist" if not source.is_dir() else f"missing: {', '.join(missing)}"
+        raise FileNotFoundError(f"{source}: not the MNI ICBM152 2009a template folder ({where}); it must hold "
+                                f"{', '.join(wanted_files)}")
+    total = num_training + num_test
+    listed = ["dataset.json", "NOTICE.md"] + [f"{d}/brain_{i:03d}.nii.gz" for i in range(total)
+                                              for d in (("imagesTr", "labelsTr") if i < num_training else ("imagesTs",))]
+    stale = prepare_dataset_dir(output, listed, overwrite)
     vols, src_affine = [], None
     for key in ("t1", "gm", "wm"):
         img = nib.load(source / MNI152_FILES[key])
@@ -159,10 +243,8 @@ def make_brain_tissue_dataset(
     src = _smooth(src, sigma=0.4 * spacing / float(abs(src_affine[0, 0])))
     idx = np.argwhere(mask > 0)
     center = (idx.min(0) + idx.max(0)) / 2 @ src_affine[:3, :3].T + src_affine[:3, 3]
-    total = num_training + num_test
     wanted = range(total) if subjects is None else subjects
-    for d in ("imagesTr", "labelsTr", "imagesTs"):
-        (output / d).mkdir(parents=True, exist_ok=True)
+    _make_folders(output)
     training, test = [], []
     for i in range(total):
         name = f"brain_{i:03d}.nii.gz"
@@ -189,7 +271,7 @@ def make_brain_tissue_dataset(
         {"reference": "MNI ICBM152 2009a, McConnell Brain Imaging Centre, Montreal Neurological Institute",
          "licence": "see NOTICE.md", "release": f"seed {seed}"},
     )
-    notice = (source / "NOTICE.md").read_text() if (source / "NOTICE.md").is_file() else ""
+    notice = (source / "NOTICE.md").read_text()
     with atomic_path(output / "NOTICE.md") as tmp:
         tmp.write_text(
             "# Notice\n\nThe images and labels in this folder are derived from the MNI ICBM152 2009a nonlinear "
@@ -197,7 +279,23 @@ def make_brain_tissue_dataset(
             "Montreal Neurological Institute)\nby `python -m monai_ckpt.data brain-tissue` "
             f"(seed {seed}, {spacing:g} mm; see monai_ckpt/data/datasets.py). They carry the\ntemplate's copyright notice "
             "and terms of use, reproduced below from the source's NOTICE.md.\n\n---\n\n" + notice)
+    _remove_stale(stale)
     return output
+
+
+def _check_counts(num_training: int, num_test: int) -> None:
+    if num_training < 1 or num_test < 0:
+        raise ValueError(f"a dataset needs at least 1 training case and 0 or more test cases, got num_training="
+                         f"{num_training}, num_test={num_test}")
+
+
+def _case_files(num_training: int, num_test: int, extensions: Sequence[str]) -> list[str]:
+    """The files `_save_case` writes for every case, relative to the dataset folder, and ``dataset.json``."""
+    files = ["dataset.json"]
+    for i in range(num_training + num_test):
+        name = f"case_{i:03d}{extensions[i % len(extensions)]}"
+        files += [f"imagesTr/{name}", f"labelsTr/{name}"] if i < num_training else [f"imagesTs/{name}"]
+    return files
 
 
 def _nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
@@ -208,11 +306,26 @@ def _nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return img
 
 
-def _ellipsoid_grid(shape: Sequence[int], output: Path) -> np.ndarray:
-    """Coordinates in [-1, 1] of every voxel of ``shape``; also creates the MSD folders under ``output``."""
-    for d in ("imagesTr", "labelsTr", "imagesTs"):
-        (output / d).mkdir(parents=True, exist_ok=True)
+def _ellipsoid_grid(shape: Sequence[int]) -> np.ndarray:
+    """Coordinates in [-1, 1] of every voxel of ``shape``."""
     return np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
+
+
+def _make_folders(output: Path) -> None:
+    for d in _FOLDERS:
+        (output / d).mkdir(parents=True, exist_ok=True)
+
+
+def _synthetic_cases(grid: np.ndarray, count: int, num_classes: int, means: np.ndarray, noise: float,
+                     spacings: list[list[float]], rng: np.random.Generator) -> Iterator[tuple[np.ndarray, ...]]:
+    """`make_synthetic_dataset`'s cases in order, each (label, image, affine), drawn from ``rng``."""
+    span = float(means.max() - means.min()) or 1.0
+    for i in range(count):
+        label = _nested_ellipsoids(grid, num_classes, rng)
+        image = (means[label] + rng.normal(0, noise * span, grid.shape[:-1])).astype(np.float32)
+        affine = np.diag([*spacings[i % len(spacings)], 1.0])
+        affine[:3, 3] = rng.uniform(-20, 20, 3).round(2)
+        yield label, image, affine
 
 
 def _nested_ellipsoids(grid: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -267,6 +380,7 @@ def make_synthetic_dataset(
     dtypes: Sequence[str] = ("float32",),
     extensions: Sequence[str] = (".nii.gz",),
     int_scale: float = 1000.0,
+    overwrite: bool = False,
 ) -> Path:
     """Tiny volumes in MSD layout: nested random ellipsoids, class ``k`` inside class ``k - 1``, each class with
     its own mean intensity, plus Gaussian noise. Test images are stored in ``test_orientation`` (LPS by default,
@@ -286,6 +400,12 @@ def make_synthetic_dataset(
         orientations: axis codes per case, cycled over training and test cases (image and label alike); replaces
             the RAS training / ``test_orientation`` test default.
         dtypes, extensions, int_scale: see `_save_case`: per case, cycled (``"int16"``; ``".nii"``).
+        overwrite: replace a dataset already in ``output_dir`` (see `prepare_dataset_dir`).
+
+    Raises:
+        ValueError: for a shape or number of classes it cannot make: every case must hold every class (checked
+            before anything is written).
+        FileExistsError: ``output_dir`` is not empty (see `prepare_dataset_dir`).
 
     Example::
 
@@ -294,17 +414,24 @@ def make_synthetic_dataset(
                                dtypes=("int16", "float32"), extensions=(".nii", ".nii.gz"))
     """
     output = Path(output_dir)
-    rng = np.random.default_rng(seed)
+    _check_counts(num_training, num_test)
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 2:
+        raise ValueError(f"shape must be 3 sizes of at least 2 voxels, got {shape}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background: a segmentation needs at least 2, got {num_classes}")
+    stale = prepare_dataset_dir(output, _case_files(num_training, num_test, extensions), overwrite)
     means = np.asarray(intensities if intensities is not None else np.linspace(0, 1, num_classes), dtype=np.float32)
-    grid = _ellipsoid_grid(shape, output)
+    cases = functools.partial(_synthetic_cases, _ellipsoid_grid(shape), num_training + num_test, num_classes, means,
+                              noise, _per_case_spacings(spacing))
+    for i, (label, _, _) in enumerate(cases(np.random.default_rng(seed))):  # nothing is written before this check
+        missing = sorted(set(range(num_classes)) - set(np.unique(label).tolist()))
+        if missing:
+            raise ValueError(f"shape {shape} is too small for {num_classes} classes: case {i} would have no voxel of "
+                             f"class(es) {missing}; use a larger shape or fewer classes")
+    _make_folders(output)
     training, test = [], []
-    spacings = _per_case_spacings(spacing)
-    for i in range(num_training + num_test):
-        label = _nested_ellipsoids(grid, num_classes, rng)
-        span = float(means.max() - means.min()) or 1.0
-        image = (means[label] + rng.normal(0, noise * span, shape)).astype(np.float32)
-        affine = np.diag([*spacings[i % len(spacings)], 1.0])
-        affine[:3, 3] = rng.uniform(-20, 20, 3).round(2)
+    for i, (label, image, affine) in enumerate(cases(np.random.default_rng(seed))):
         if orientations:
             axcodes = orientations[i % len(orientations)]
         else:
@@ -315,6 +442,7 @@ def make_synthetic_dataset(
     labels = {str(k): ("background" if k == 0 else f"class {k}") for k in range(num_classes)}
     _write_dataset_json(output, "synthetic", "nested ellipsoids (monai_ckpt.data.make_synthetic_dataset)", labels,
                         "synthetic", training, test)
+    _remove_stale(stale)
     return output
 
 
@@ -334,6 +462,7 @@ def make_multichannel_dataset(
     dtypes: Sequence[str] = ("float32",),
     extensions: Sequence[str] = (".nii.gz",),
     int_scale: float = 1000.0,
+    overwrite: bool = False,
 ) -> Path:
     """Tiny multi-modal volumes in the layout of the Medical Segmentation Decathlon's multi-modal tasks
     (Task01_BrainTumour, Task05_Prostate): each image one 4D NIfTI ``(X, Y, Z, C)`` with the modalities as the
@@ -359,12 +488,16 @@ def make_multichannel_dataset(
         labels: the ``labels`` of ``dataset.json``; by default ``background``, ``class 1``, ...
         name: the ``name`` of ``dataset.json``.
         dtypes, extensions, int_scale: see `_save_case`: per case, cycled (``"int16"``; ``".nii"``).
+        overwrite: replace a dataset already in ``output_dir`` (see `prepare_dataset_dir`).
     """
     output = Path(output_dir)
+    _check_counts(num_training, num_test)
+    stale = prepare_dataset_dir(output, _case_files(num_training, num_test, extensions), overwrite)
     rng = np.random.default_rng(seed)
     channels = len(modalities)
     means = np.stack([rng.permutation(np.linspace(0, 1, num_classes)) for _ in range(channels)], -1)
-    grid = _ellipsoid_grid(shape, output)
+    grid = _ellipsoid_grid(shape)
+    _make_folders(output)
     training, test = [], []
     for i in range(num_training + num_test):
         label = _nested_ellipsoids(grid, num_classes, rng)
@@ -379,4 +512,5 @@ def make_multichannel_dataset(
     _write_dataset_json(output, name, "nested ellipsoids, one 4D NIfTI per case with the modalities as channels "
                         "(monai_ckpt.data.make_multichannel_dataset)", labels, "", training, test,
                         {"tensorImageSize": "4D", "modality": {str(c): m for c, m in enumerate(modalities)}})
+    _remove_stale(stale)
     return output

@@ -111,7 +111,7 @@ class CheckpointAttentionUnet(CheckpointPolicyMixin, AttentionUnet):
     ) -> None:
         super().__init__(spatial_dims, in_channels, out_channels, channels, strides, kernel_size, up_kernel_size,
                          dropout)
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
 
     def _layers(self) -> list[nn.Module]:
         """The AttentionLayers, top first."""

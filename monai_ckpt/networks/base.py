@@ -31,7 +31,29 @@ class CheckpointPolicyMixin:
     """
 
     __jit_unused_properties__ = ["checkpoint_policy", "checkpoint_plan"]
-    __jit_ignored_attributes__ = ["_checkpoint_spec", "_checkpoint_groups", "_checkpoint_plans", "_checkpoint_plan_key"]
+    __jit_ignored_attributes__ = ["_checkpoint_spec", "_checkpoint_groups", "_checkpoint_plans", "_checkpoint_plan_key",
+                                  "_checkpoint_added"]
+
+    def _parent_extras(self) -> dict[str, Any]:
+        """Attributes the chain or the input check reads that the MONAI parent does not set (``in_channels``,
+        ``spatial_dims``...), derived from the parent's own modules. Networks whose parent lacks some override it."""
+        return {}
+
+    def _init_checkpointing(self, checkpoint_policy: PolicySpec) -> None:
+        """What this class adds to a built parent: the `_parent_extras` it lacks, then the policy. ``__init__`` calls it
+        after the parent's, and `monai_ckpt.enable_checkpointing` on an existing parent instance (whose class it has
+        just swapped), so the two never differ."""
+        added = {name: value for name, value in self._parent_extras().items() if name not in self.__dict__}
+        for name, value in added.items():
+            setattr(self, name, value)
+        nn.Module.__setattr__(self, "_checkpoint_added", tuple(added))
+        self.checkpoint_policy = checkpoint_policy
+
+    def extra_repr(self) -> str:
+        """The parent's, then the active ``checkpoint_policy`` (``repr(net)`` shows it below the class name)."""
+        parent = super().extra_repr()  # type: ignore[misc]
+        policy = f"checkpoint_policy={self._checkpoint_spec!r}"
+        return f"{parent}, {policy}" if parent else policy
 
     def _chain_steps(self) -> list[ChainStep]:
         raise NotImplementedError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.networks.nets import BasicUNet, BasicUNetPlusPlus
@@ -81,6 +82,12 @@ def _encoder(block: nn.Module) -> list[dict]:
                                                                                              block.conv_1))]
 
 
+def _first_conv_extras(first: nn.Module) -> dict[str, Any]:
+    """``spatial_dims`` and ``in_channels``, which BasicUNet and BasicUNetPlusPlus do not keep, read from their first
+    TwoConv's first Convolution."""
+    return {"spatial_dims": first.conv_0.spatial_dims, "in_channels": first.conv_0.in_channels}
+
+
 class _BasicUNetCheck(CheckpointPolicyMixin):
     """The size rule the two networks share: four max-poolings (each size at least 16), any size beyond."""
 
@@ -151,8 +158,10 @@ class CheckpointBasicUNet(_BasicUNetCheck, BasicUNet):
         checkpoint_policy: PolicySpec = "all",
     ) -> None:
         super().__init__(spatial_dims, in_channels, out_channels, features, act, norm, bias, dropout, upsample)
-        self.spatial_dims, self.in_channels = spatial_dims, in_channels
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
+
+    def _parent_extras(self) -> dict[str, Any]:
+        return _first_conv_extras(self.conv_0)
 
     def _chain_steps(self) -> list[ChainStep]:
         encoders = [self.conv_0, self.down_1, self.down_2, self.down_3]
@@ -240,8 +249,10 @@ class CheckpointBasicUNetPlusPlus(_BasicUNetCheck, BasicUNetPlusPlus):
     ) -> None:
         super().__init__(spatial_dims, in_channels, out_channels, features, deep_supervision, act, norm, bias,
                          dropout, upsample)
-        self.spatial_dims, self.in_channels = spatial_dims, in_channels
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
+
+    def _parent_extras(self) -> dict[str, Any]:
+        return _first_conv_extras(self.conv_0_0)
 
     def _nodes(self) -> list[Node]:
         """The parent's forward as a graph, node for node in its order."""

@@ -90,10 +90,11 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
     ``head0`` (``output_block``). Blocks: each conv of a basic/residual block with its norm and
     activation (the up block's first one with the transposed conv and the skip merge).
 
+    The parent's arguments (spatial_dims, in_channels, out_channels, kernel_size, strides, upsample_kernel_size,
+    filters, dropout, norm_name, act_name, deep_supervision, deep_supr_num, res_block, trans_bias) are those of
+    `monai.networks.nets.DynUNet`, plus:
+
     Args:
-        spatial_dims, in_channels, out_channels, kernel_size, strides, upsample_kernel_size, filters, dropout,
-        norm_name, act_name, deep_supervision, deep_supr_num, res_block, trans_bias: as for
-        `monai.networks.nets.DynUNet`.
         checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`. Defaults to "all".
 
     Examples::
@@ -128,7 +129,7 @@ class CheckpointDynUNet(CheckpointPolicyMixin, DynUNet):
             spatial_dims, in_channels, out_channels, kernel_size, strides, upsample_kernel_size, filters, dropout,
             norm_name, act_name, deep_supervision, deep_supr_num, res_block, trans_bias,
         )  # fmt: skip
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
 
     def _n_heads(self) -> int:
         return self.deep_supr_num if self.deep_supervision else 0

@@ -7,8 +7,12 @@ docs' scripts and the scenario presets pick it up.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from torch import nn
+from ..arguments import positive_int
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "NATURAL_BLOCKS",
@@ -110,19 +114,6 @@ def padded_shape(network: str, shape: Sequence[int], in_channels: int) -> tuple[
     """``shape`` padded up to the next size the network takes."""
     multiple = network_factory(network, len(shape), in_channels)().size_multiple()
     return tuple(-(-int(s) // m) * m for s, m in zip(shape, multiple))
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a positive integer, or a one-line error that says so."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def shape_error(network: str, shape: Sequence[int], in_channels: int) -> str | None:

@@ -66,9 +66,11 @@ class CheckpointSegResNet(CheckpointPolicyMixin, SegResNet):
     ``up_layers``), ``head0`` (``conv_final``, when ``use_conv_final``). Blocks: each half of a ResBlock
     (norm, activation, convolution; the second with the residual addition).
 
+    The parent's arguments (spatial_dims, init_filters, in_channels, out_channels, dropout_prob, act, norm,
+    norm_name, num_groups, use_conv_final, blocks_down, blocks_up, upsample_mode) are those of
+    `monai.networks.nets.SegResNet`, plus:
+
     Args:
-        spatial_dims, init_filters, in_channels, out_channels, dropout_prob, act, norm, norm_name, num_groups,
-        use_conv_final, blocks_down, blocks_up, upsample_mode: as for `monai.networks.nets.SegResNet`.
         checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`. Defaults to "all".
 
     Examples::
@@ -102,7 +104,7 @@ class CheckpointSegResNet(CheckpointPolicyMixin, SegResNet):
             spatial_dims, init_filters, in_channels, out_channels, dropout_prob, act, norm, norm_name, num_groups,
             use_conv_final, blocks_down, blocks_up, upsample_mode,
         )  # fmt: skip
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
 
     def _chain_steps(self) -> list[ChainStep]:
         n = len(self.down_layers)

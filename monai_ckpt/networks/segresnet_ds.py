@@ -53,9 +53,10 @@ class CheckpointSegResNetDS(CheckpointPolicyMixin, SegResNetDS):
     followed, with deep supervision, by its head ``head{i}`` (i = 1..dsdepth-1); ``head0`` (the top head). Blocks:
     each half of a SegResBlock (norm, activation, convolution; the second with the residual addition).
 
+    The parent's arguments (spatial_dims, init_filters, in_channels, out_channels, act, norm, blocks_down,
+    blocks_up, dsdepth, preprocess, upsample_mode, resolution) are those of `monai.networks.nets.SegResNetDS`, plus:
+
     Args:
-        spatial_dims, init_filters, in_channels, out_channels, act, norm, blocks_down, blocks_up, dsdepth,
-        preprocess, upsample_mode, resolution: as for `monai.networks.nets.SegResNetDS`.
         checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`. Defaults to "all".
 
     Examples::
@@ -85,7 +86,7 @@ class CheckpointSegResNetDS(CheckpointPolicyMixin, SegResNetDS):
     ) -> None:
         super().__init__(spatial_dims, init_filters, in_channels, out_channels, act, norm, blocks_down, blocks_up,
                          dsdepth, preprocess, upsample_mode, resolution)
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
 
     def _has_head(self, j: int) -> bool:
         """Whether up layer ``j`` (bottom first) has a head the parent returns (its own test)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,11 +150,12 @@ class CheckpointSwinUNETR(CheckpointPolicyMixin, SwinUNETR):
     the attention's and MLP's matrix products): with ``use_checkpoint=True`` no policy keeps more of a Swin block than
     MONAI's own checkpointing. `builtin_checkpoint` reports which it is.
 
+    The parent's arguments (in_channels, out_channels, patch_size, depths, num_heads, window_size, qkv_bias,
+    mlp_ratio, feature_size, norm_name, drop_rate, attn_drop_rate, dropout_path_rate, normalize, norm_layer,
+    patch_norm, use_checkpoint, spatial_dims, downsample, use_v2, use_hyena, hyena_*, use_flash_attention) are those
+    of `monai.networks.nets.SwinUNETR`, plus:
+
     Args:
-        in_channels, out_channels, patch_size, depths, num_heads, window_size, qkv_bias, mlp_ratio, feature_size,
-        norm_name, drop_rate, attn_drop_rate, dropout_path_rate, normalize, norm_layer, patch_norm,
-        use_checkpoint, spatial_dims, downsample, use_v2, use_hyena, hyena_*, use_flash_attention: as for
-        `monai.networks.nets.SwinUNETR`.
         checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`. Defaults to "all".
 
     Examples::
@@ -218,10 +220,14 @@ class CheckpointSwinUNETR(CheckpointPolicyMixin, SwinUNETR):
             hyena_l_cache=hyena_l_cache, hyena_short_conv_fft_chunks=hyena_short_conv_fft_chunks,
             use_flash_attention=use_flash_attention
         )
-        self.in_channels = in_channels
-        self.spatial_dims = spatial_dims
-        self.use_checkpoint = use_checkpoint
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
+
+    def _parent_extras(self) -> dict[str, Any]:
+        """``in_channels`` and ``spatial_dims`` from the patch embedding's convolution; ``use_checkpoint`` (MONAI's
+        own switch, which the parent hands to its Swin stages) from the first stage."""
+        proj = self.swinViT.patch_embed.proj
+        return {"in_channels": proj.in_channels, "spatial_dims": len(proj.kernel_size),
+                "use_checkpoint": bool(self.swinViT.layers1[0].use_checkpoint)}
 
     @property
     def builtin_checkpoint(self) -> str:

@@ -70,9 +70,10 @@ class CheckpointUNet(CheckpointPolicyMixin, UNet):
     blocks: a residual unit's subunits; in a decoder, merge + (transposed) conv, its norm/activation, and
     the residual unit.
 
+    The parent's arguments (spatial_dims, in_channels, out_channels, channels, strides, kernel_size, up_kernel_size,
+    num_res_units, act, norm, dropout, bias, adn_ordering) are those of `monai.networks.nets.UNet`, plus:
+
     Args:
-        spatial_dims, in_channels, out_channels, channels, strides, kernel_size, up_kernel_size,
-        num_res_units, act, norm, dropout, bias, adn_ordering: as for `monai.networks.nets.UNet`.
         checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`.
             Defaults to ``"all"``; can be changed at any time through the attribute of the same name.
 
@@ -109,7 +110,7 @@ class CheckpointUNet(CheckpointPolicyMixin, UNet):
             spatial_dims, in_channels, out_channels, channels, strides, kernel_size, up_kernel_size,
             num_res_units, act, norm, dropout, bias, adn_ordering,
         )  # fmt: skip
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
 
     def _levels(self) -> list[nn.Sequential]:
         levels = [self.model]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from monai.networks.nets import VNet
@@ -60,9 +61,10 @@ class CheckpointVNet(CheckpointPolicyMixin, VNet):
     ``decoder3``..``decoder0`` (``up_tr256``..``up_tr32``), ``head0`` (``out_tr``). The blocks of a
     transition: its (up/down) convolution, then each LUConv (the last with the residual add).
 
+    The parent's arguments (spatial_dims, in_channels, out_channels, act, dropout_prob, dropout_prob_down,
+    dropout_prob_up, dropout_dim, bias) are those of `monai.networks.nets.VNet`, plus:
+
     Args:
-        spatial_dims, in_channels, out_channels, act, dropout_prob, dropout_prob_down, dropout_prob_up,
-        dropout_dim, bias: as for `monai.networks.nets.VNet`.
         checkpoint_policy: which segments to checkpoint and how, see `monai_ckpt.policies`. Defaults to "all".
 
     Examples::
@@ -98,9 +100,10 @@ class CheckpointVNet(CheckpointPolicyMixin, VNet):
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, act=act,
             dropout_prob_down=dropout_prob_down, dropout_prob_up=dropout_prob_up, dropout_dim=dropout_dim, bias=bias,
         )  # fmt: skip
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.checkpoint_policy = checkpoint_policy
+        self._init_checkpointing(checkpoint_policy)
+
+    def _parent_extras(self) -> dict[str, Any]:
+        return {"spatial_dims": self.in_tr.spatial_dims, "in_channels": self.in_tr.in_channels}
 
     def _chain_steps(self) -> list[ChainStep]:
         steps = segment_steps("encoder0", 0, "encoder", dict(fn=self.in_tr, push=True))

@@ -17,12 +17,16 @@ budget is tightened until that measured peak fits. The plan's ``predicted_peak_b
 fixed policies are measured too and the plan is never slower than the fastest one that fits. On CUDA a budget keeps
 a headroom (`device`). `capacity` answers how large a patch or batch fits.
 
+``plan_inference(network, image_shape, roi_size, budget_gb)`` (`inference`) answers the same question for
+inference: the settings of MONAI's ``sliding_window_inference`` with which one whole image fits a budget fastest.
+
 Sizes are in GiB (2**30 bytes), as GPU memory is counted.
 """
 
 from .capacity import DEFAULT_BUDGETS_GB, capacity_table, format_capacity_table, max_batch_size, max_patch_edge
 from .device import CUDA_HEADROOM_FRACTION, CUDA_HEADROOM_MIN_GB
 from .fit import plan, plan_for_network, planning_loss
+from .inference import InferencePlan, plan_inference
 from .profile import TIME_VOXELS
 from .result import GiB, Plan
 from .search import FIXED_POLICIES
@@ -33,6 +37,7 @@ __all__ = [
     "DEFAULT_BUDGETS_GB",
     "FIXED_POLICIES",
     "GiB",
+    "InferencePlan",
     "Plan",
     "TIME_VOXELS",
     "capacity_table",
@@ -41,5 +46,6 @@ __all__ = [
     "max_patch_edge",
     "plan",
     "plan_for_network",
+    "plan_inference",
     "planning_loss",
 ]

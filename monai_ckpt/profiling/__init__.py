@@ -12,6 +12,8 @@
 - ``peak_tensors(factory, shape)`` (`peaks`): the tensors alive at the peak, each with the operator and module that
   made it: where a policy's peak comes from, and what no policy can remove.
 - ``loss_memory`` and ``LossStandIn`` (`loss`): what a loss adds to a step, replayable on fake tensors.
+- ``sliding_window_memory(network, image_shape, roi_size, ...)`` (`sliding_window`): the peak on each device of
+  MONAI's ``sliding_window_inference`` (inference, not a training step), exact on fake tensors at clinical sizes.
 
 A training step here (`step`) is ``loss = mean(out**2)`` (or the user's ``loss(out, label)`` on a label batch of
 the shape and dtype given, see `LabelBatch`), ``loss.backward()``, ``Adam.step()``, ``zero_grad()``, measured on
@@ -24,6 +26,7 @@ fake step).
 from .blocks import BlockCost, block_costs, saved_for_backward
 from .loss import LossMemory, LossStandIn, loss_memory
 from .peaks import LiveTensor, PeakTensors, memory_timeline, peak_tensors
+from .sliding_window import SlidingWindowMemory, sliding_window_memory, window_batches, window_positions
 from .step import MiB, LabelBatch, make_optimizer, mean_square, replica, training_step
 from .timing import device_clock, step_time_ratios
 from .tracker import CATEGORIES, StepMemory, measure_step_memory
@@ -37,6 +40,7 @@ __all__ = [
     "LossStandIn",
     "MiB",
     "PeakTensors",
+    "SlidingWindowMemory",
     "StepMemory",
     "block_costs",
     "device_clock",
@@ -48,6 +52,9 @@ __all__ = [
     "peak_tensors",
     "replica",
     "saved_for_backward",
+    "sliding_window_memory",
     "step_time_ratios",
     "training_step",
+    "window_batches",
+    "window_positions",
 ]

@@ -6,17 +6,15 @@ the same rules: required files (``models/model.pt`` or a ``large_files.yml`` nam
 schema shipped in ``bundles/`` (the constraints of ``meta_schema_20240725.json``), the declared TorchScript
 exclusion (``bundles/zoo_ci.json``), JSON in the form of the zoo's ``pretty-format-json --indent=4 --no-sort-keys``
 hook, the README sections and inference config ids of the zoo's bundles. The network's input and output
-(``verify_net_in_out``) and the TorchScript export (``ckpt_export``) of every bundle run in test_bundles.py and
-test_bundles_ii.py, on the weights each bundle trained there.
+(``verify_net_in_out``) and the TorchScript export (``ckpt_export``) of every bundle run in its own test file
+(test_bundle_*.py), on the weights each bundle trained there.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,10 +22,9 @@ from monai.bundle import ConfigParser, verify_metadata
 from monai.bundle import run as bundle_run
 from monai.networks.nets import UNet
 from pre_commit_hooks.pretty_format_json import main as pretty_format_json
-from test_bundles import BUNDLES, SCHEMA, TINY_UNET4, _cfg, _cli, _env, _overrides
+from bundle_runs import BUNDLES, SCHEMA, BRAIN
 
 from monai_ckpt import CheckpointUNet
-from monai_ckpt.data import brief_error, make_synthetic_dataset
 
 ZOO_CI = json.loads((BUNDLES / "zoo_ci.json").read_text())
 NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
@@ -47,7 +44,7 @@ ZOO_BUNDLE_NAMES = {"spleen_ct_segmentation", "brats_mri_segmentation", "prostat
 
 @pytest.fixture(autouse=True)
 def _restore_excepthook(monkeypatch):
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # in-process bundle runs install theirs
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # in-process bundle runs may install theirs
 
 
 def test_bundle_set_and_names():
@@ -71,6 +68,15 @@ def test_zoo_required_files_and_metadata(name):
     assert meta["name"] and meta["version"] in meta["changelog"]
     assert SCHEMA_20240725_REQUIRED <= set(meta)
     verify_metadata(meta_file=str(meta_file), filepath=str(SCHEMA))
+
+
+def test_metadata_schema_rejects_bad_metadata(tmp_path):
+    meta = json.loads((BRAIN / "configs" / "metadata.json").read_text())
+    del meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+    bad = tmp_path / "metadata.json"
+    bad.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="num_channels"):
+        verify_metadata(meta_file=str(bad), filepath=str(SCHEMA))
 
 
 def test_shipped_schema_holds_the_20240725_rules(tmp_path):
@@ -113,7 +119,7 @@ def test_zoo_inference_ids(name):
 
 def test_torchscript_exclusion_is_declared_where_it_is_needed():
     """The zoo verifies a TorchScript export of every bundle not in its exclusion list; the bundle tests export
-    each bundle's trained weights (test_bundles.py, test_bundles_ii.py: ``torch.jit.script``, or ``use_trace``
+    each bundle's trained weights (test_bundle_*.py: ``torch.jit.script``, or ``use_trace``
     for DynUNet with deep supervision, whose scripting fails there). Here: the exclusion names exactly the bundles
     whose network has deep supervision, each with its reason."""
     excluded = ZOO_CI["exclude_verify_torchscript_list"]
@@ -184,93 +190,3 @@ def test_checkpoint_any_zoo_bundle_with_one_override(tmp_path, capsys):
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
     UNet(3, 1, 2, (4, 8, 16), (2, 2), num_res_units=2, norm="batch").load_state_dict(ckpt)
     CheckpointUNet(3, 1, 2, (4, 8, 16), (2, 2), num_res_units=2, norm="batch").load_state_dict(plain)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# a bad dataset or value: one clear message last, a non-zero exit, nothing written
-
-
-def _brain_train_overrides(root: Path, data: Path) -> dict:
-    return _overrides(root, data, max_epochs=1, num_val=1, **TINY_UNET4)
-
-
-def _report(tmp_path: Path, data: Path, **extra) -> str:
-    """What the bundle run's excepthook prints for the exception an in-process brain training run raises."""
-    root = tmp_path / "run"
-    with pytest.raises(RuntimeError) as e:  # MONAI's config parser wraps what an expression raises
-        bundle_run(config_file=_cfg(BUNDLES / "brain_tissue_segmentation", "train"), logging_file=False,
-                   **_brain_train_overrides(root, data), **extra)
-    assert not root.exists()  # no models/, no eval/, no TensorBoard file
-    report = brief_error(e.value)
-    assert report is not None and "Traceback" not in report
-    return report
-
-
-def test_bad_dataset_dir_ends_the_run_with_one_clear_message(tmp_path):
-    """The command line run: non-zero exit, no traceback, the last line names the file and the fix."""
-    root = tmp_path / "run"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           str(BUNDLES / "brain_tissue_segmentation" / "configs" / "train.json"),
-           *_cli(_brain_train_overrides(root, tmp_path / "nope"))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, check=False)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(rf"error: DataCheckError: {re.escape(str(tmp_path / 'nope' / 'dataset.json'))}: dataset list "
-                        r"not found; --dataset_dir must name a folder in Medical Segmentation Decathlon layout .*",
-                        last), proc.stderr[-2000:]
-    assert not root.exists()
-
-
-def test_truncated_image_and_wrong_label_shape_are_one_clear_message(tmp_path):
-    import nibabel as nib
-    import numpy as np
-
-    data = make_synthetic_dataset(tmp_path / "data", num_training=2, num_test=1, shape=(16, 16, 16), num_classes=4)
-    items = json.loads((data / "dataset.json").read_text())["training"]
-    image = data / items[0]["image"]
-    raw = image.read_bytes()
-    image.write_bytes(raw[: len(raw) // 2])
-    label = data / items[1]["label"]
-    nib.save(nib.Nifti1Image(np.zeros((16, 16, 12), np.uint8), nib.load(label).affine), label)
-    report = _report(tmp_path, data)
-    lines = report.splitlines()
-    assert lines[0] == "(traceback hidden: set MONAI_CKPT_TRACEBACK=1 to see it)"
-    assert lines[1].startswith("while running the bundle: Failed to evaluate ConfigExpression")
-    assert lines[2].startswith("error: DataCheckError: 2 problem(s) in the datalist from ")
-    assert re.search(r"case_000\.nii\.gz: cannot read the image data, the file may be truncated .*copy it again",
-                     lines[3]), report
-    assert re.search(r"case_001\.nii\.gz: label shape \(16, 16, 12\) does not match.*resample it onto the image",
-                     lines[4]), report
-
-
-def test_bad_checkpoint_policy_is_one_clear_message(tmp_path):
-    data = make_synthetic_dataset(tmp_path / "data", num_training=2, num_test=1, shape=(16, 16, 16), num_classes=4)
-    last = _report(tmp_path, data, checkpoint_policy="alll").splitlines()[-1]
-    assert last.startswith("error: ValueError: unknown checkpoint_policy 'alll'; valid policies are 'none', 'all'")
-
-
-def test_a_bug_keeps_its_traceback():
-    try:
-        raise RuntimeError("Failed to evaluate ConfigExpression") from KeyError("not a user's mistake")
-    except RuntimeError as e:
-        assert brief_error(e) is None
-    try:
-        raise RuntimeError("wrapped") from ValueError("raised outside monai_ckpt")
-    except RuntimeError as e:
-        assert brief_error(e) is None
-
-
-def test_missing_weights_at_inference_is_one_clear_message(tmp_path):
-    data = make_synthetic_dataset(tmp_path / "data", num_training=1, num_test=1, shape=(16, 16, 16), num_classes=4)
-    root = tmp_path / "run"
-    overrides = {k: v for k, v in _brain_train_overrides(root, data).items()
-                 if k not in ("max_epochs", "num_val", "num_samples", "progress")}
-    with pytest.raises(RuntimeError) as e:
-        bundle_run(config_file=_cfg(BUNDLES / "brain_tissue_segmentation", "inference"), logging_file=False,
-                   **overrides)
-    last = brief_error(e.value).splitlines()[-1]
-    assert last == (f"error: DataCheckError: {root / 'models' / 'model.pt'}: trained weights not found; train the "
-                    "bundle first (configs/train.json), fetch them from the location in large_files.yml, or run "
-                    "without them: --load_pretrain False")
-    assert not root.exists()
