@@ -307,3 +307,40 @@ def test_size_multiple_names_a_size_that_trains():
     assert child.size_multiple() == (4, 8, 8)
     with pytest.raises(ValueError, match=re.escape("pad to (8, 16, 16)")):
         child(torch.randn(2, 2, 6, 16, 16))
+
+
+def _nnunet_default(parent: type) -> dict:
+    """What nnU-Net's default planners write into a plans file for a 3D network on the smallest patch they plan for
+    (32^3: downsampled to 4 voxels a side, four stages): features from 32 doubling, 3^3 kernels, stride 2 from the
+    second stage, two convolutions per stage (ResEnc M: its blocks per stage, one convolution per decoder stage),
+    deep supervision on. (The parents have no defaults of their own; six stages up to 320 features, the planners'
+    configuration for a clinical patch, take 20-45 s a step here: the same code.)"""
+    base = dict(input_channels=1, n_stages=4, features_per_stage=(32, 64, 128, 256), conv_op=nn.Conv3d,
+                kernel_sizes=[[3, 3, 3]] * 4, strides=[[1, 1, 1]] + [[2, 2, 2]] * 3, num_classes=2,
+                norm_op=nn.InstanceNorm3d, **NNUNET)
+    if parent is PlainConvUNet:
+        return dict(base, n_conv_per_stage=(2,) * 4, n_conv_per_stage_decoder=(2,) * 3)
+    return dict(base, n_blocks_per_stage=(1, 3, 4, 6), n_conv_per_stage_decoder=(1,) * 3)
+
+
+def _nnunet_network(case: str, shape: tuple[int, ...]):  # noqa: ANN202
+    from networks_registry import Network
+
+    parent, child, small, small_shape = CASES[case]
+    return Network(parent, child, case, small, small_shape, _nnunet_default(parent), shape)
+
+
+# the registry's entries for nnU-Net's networks (tests/networks_registry.py holds MONAI's): the default configuration
+# at the smallest size it trains on (at 8^3 the deepest level is one voxel, which instance norm cannot normalise)
+NNUNET_NETWORKS = {"plainconvunet": _nnunet_network("default3d-aniso", (1, 1, 16, 8, 8)),
+                   "residualencoderunet": _nnunet_network("resencL3d", (1, 1, 16, 8, 8))}
+
+
+@pytest.mark.parametrize("config", ["small", "default"])
+@pytest.mark.parametrize("name", NNUNET_NETWORKS)
+def test_trains_and_evaluates_on_a_metatensor_batch_as_the_parent(name, config):
+    """MONAI's MetaTensor batches (nnU-Net's pipeline hands a plain tensor; a MONAI pipeline around the network a
+    MetaTensor): tests/test_metatensor_and_defaults.py's check, on nnU-Net's networks."""
+    from test_metatensor_and_defaults import assert_trains_and_evaluates_on_a_metatensor_batch_as_the_parent
+
+    assert_trains_and_evaluates_on_a_metatensor_batch_as_the_parent(NNUNET_NETWORKS[name], config)
