@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import inspect
 from dataclasses import dataclass
 
 import pytest
@@ -242,3 +243,22 @@ def assert_in_place_steps_copy_nothing(parent_cls: type, child_cls: type, kw: di
     x = torch.randn(shape)
     assert "aten.new_empty_strided.default" in backward_calls(parent, x).names
     assert "aten.new_empty_strided.default" not in backward_calls(child, x).names
+
+
+def assert_same_signature_plus_keyword_only_policy(parent: type, child: type) -> None:
+    """The child's constructor is the parent's, argument for argument and default for default, plus a keyword-only
+    ``checkpoint_policy``."""
+    parent_params = inspect.signature(parent.__init__).parameters
+    child_params = inspect.signature(child.__init__).parameters
+    assert list(child_params)[:-1] == list(parent_params)
+    assert all(child_params[n].default == p.default for n, p in parent_params.items())
+    assert child_params["checkpoint_policy"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def assert_same_constructor_error(parent: type, child: type, kwargs: dict) -> None:
+    """The child's constructor refuses ``kwargs`` with the parent's exception and message."""
+    with pytest.raises(Exception) as expected:
+        parent(**kwargs)
+    with pytest.raises(expected.type) as got:
+        child(**kwargs)
+    assert str(got.value) == str(expected.value)
