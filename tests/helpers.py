@@ -1,6 +1,8 @@
 """Shared helpers for comparing a checkpoint-aware network with its MONAI parent."""
 
 import copy
+import inspect
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -9,11 +11,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def train_steps(model: nn.Module, inputs: list[torch.Tensor], lr: float = 0.1) -> list[torch.Tensor]:
-    """SGD steps with the RNG reseeded per step, so two models see the same dropout masks."""
+    """SGD steps with the RNG reseeded per step, so two models see the same dropout masks; the last step's gradients
+    stay on the parameters (to compare)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     outs = []
     model.train()
     for step, x in enumerate(inputs):
+        opt.zero_grad(set_to_none=False)
         torch.manual_seed(1000 + step)
         out = model(x)
         if isinstance(out, (list, tuple)):  # deep supervision heads, possibly of several sizes
@@ -21,23 +25,48 @@ def train_steps(model: nn.Module, inputs: list[torch.Tensor], lr: float = 0.1) -
         out.float().square().mean().backward()
         outs.append(out.detach())
         opt.step()
-        opt.zero_grad(set_to_none=False)
     return outs
 
 
+@dataclass(frozen=True)
+class Trained:
+    """A network's training run to compare others with: its weights before, and after each step its output, then
+    its gradients, parameters and buffers at the end."""
+
+    start: dict
+    outs: list
+    grads: list
+    params: list
+    buffers: list
+
+
+def trained(model: nn.Module, inputs: list[torch.Tensor]) -> Trained:
+    """Train a copy of ``model`` on ``inputs`` (`train_steps`) and keep what `assert_trains_like` compares."""
+    start = copy.deepcopy(model.state_dict())
+    model = copy.deepcopy(model)
+    outs = train_steps(model, inputs)
+    return Trained(start, outs, [(n, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()],
+                   [(n, p.detach()) for n, p in model.named_parameters()], list(model.named_buffers()))
+
+
+def assert_trains_like(reference: Trained, child: nn.Module, inputs: list[torch.Tensor], atol: float = 0.0) -> None:
+    """Train ``child`` from the reference's weights; outputs, gradients, parameters and buffers must agree."""
+    child.load_state_dict(reference.start)
+    outs = train_steps(child, inputs)
+    rtol = 0 if atol == 0 else 1e-5
+    for a, b in zip(reference.outs, outs, strict=True):
+        torch.testing.assert_close(b, a, atol=atol, rtol=rtol)
+    for (name, p), c in zip(reference.grads, child.parameters(), strict=True):
+        torch.testing.assert_close(c.grad, p, atol=atol, rtol=rtol, msg=f"grad {name}")
+    for (name, p), c in zip(reference.params, child.parameters(), strict=True):
+        torch.testing.assert_close(c, p, atol=atol, rtol=rtol, msg=f"param {name}")
+    for (name, p), (_, c) in zip(reference.buffers, child.named_buffers(), strict=True):
+        torch.testing.assert_close(c, p, atol=atol, rtol=rtol, msg=f"buffer {name}")
+
+
 def assert_same_training(parent: nn.Module, child: nn.Module, inputs: list[torch.Tensor], atol: float = 0.0) -> None:
-    """Train both from the same weights; outputs, gradients, parameters and buffers must agree."""
-    child.load_state_dict(parent.state_dict())
-    parent = copy.deepcopy(parent)
-    outs_p = train_steps(parent, inputs)
-    outs_c = train_steps(child, inputs)
-    for a, b in zip(outs_p, outs_c, strict=True):
-        torch.testing.assert_close(b, a, atol=atol, rtol=0 if atol == 0 else 1e-5)
-    for (name, p), (_, c) in zip(parent.named_parameters(), child.named_parameters(), strict=True):
-        torch.testing.assert_close(c.grad, p.grad, atol=atol, rtol=0 if atol == 0 else 1e-5, msg=f"grad {name}")
-        torch.testing.assert_close(c, p, atol=atol, rtol=0 if atol == 0 else 1e-5, msg=f"param {name}")
-    for (name, p), (_, c) in zip(parent.named_buffers(), child.named_buffers(), strict=True):
-        torch.testing.assert_close(c, p, atol=atol, rtol=0 if atol == 0 else 1e-5, msg=f"buffer {name}")
+    """Train both from the parent's weights; outputs, gradients, parameters and buffers must agree."""
+    assert_trains_like(trained(parent, inputs), child, inputs, atol)
 
 
 def same(a, b) -> bool:  # noqa: ANN001
@@ -182,3 +211,33 @@ def saved_tensor_shapes(net: nn.Module, x: torch.Tensor) -> set[tuple[int, ...]]
     with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
         net(x)
     return set(shapes)
+
+
+def assert_in_place_steps_copy_nothing(parent_cls: type, child_cls: type, kw: dict, shape: tuple[int, ...]) -> None:
+    """In-place activations after instance norm (a view of batch norm's output): the parent's backward goes through
+    the view's base (CopySlices: new_empty_strided and a clone); the child ("cheap") runs them on the base and
+    copies nothing, and training stays bit-identical."""
+    parent, child = make_pair(parent_cls, child_cls, kw, "cheap")
+    assert_same_training(parent, child, [torch.randn(shape) for _ in range(2)])
+    x = torch.randn(shape)
+    assert "aten.new_empty_strided.default" in backward_calls(parent, x).names
+    assert "aten.new_empty_strided.default" not in backward_calls(child, x).names
+
+
+def assert_same_signature_plus_keyword_only_policy(parent: type, child: type) -> None:
+    """The child's constructor is the parent's, argument for argument and default for default, plus a keyword-only
+    ``checkpoint_policy``."""
+    parent_params = inspect.signature(parent.__init__).parameters
+    child_params = inspect.signature(child.__init__).parameters
+    assert list(child_params)[:-1] == list(parent_params)
+    assert all(child_params[n].default == p.default for n, p in parent_params.items())
+    assert child_params["checkpoint_policy"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def assert_same_constructor_error(parent: type, child: type, kwargs: dict) -> None:
+    """The child's constructor refuses ``kwargs`` with the parent's exception and message."""
+    with pytest.raises(Exception) as expected:
+        parent(**kwargs)
+    with pytest.raises(expected.type) as got:
+        child(**kwargs)
+    assert str(got.value) == str(expected.value)

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 from monai.networks.nets import DynUNet, UNet, VNet
-from test_networks_ii import CASES as NETWORKS
+from networks_registry import CASES as NETWORKS
 
 from monai_ckpt import CheckpointDynUNet, CheckpointUNet, CheckpointVNet, InputShapeError
 from monai_ckpt.profiling import saved_for_backward
@@ -104,7 +104,7 @@ def test_compiled_training_equals_the_eager_parent(case):
     assert_close_training(parent, child, torch.compile(child, fullgraph=True, backend=backend), shape)
 
 
-# One case of each newer network (tests/test_networks_ii.py), "cheap": the policy whose recomputation is chosen
+# One case of each newer network (tests/networks_registry.py), "cheap": the policy whose recomputation is chosen
 # operator by operator, which the compiled graph must carry (the merge's and the gate's autograd Functions traced as
 # plain expressions). BasicUNet's "cheap" compiles in test_cheap_compiles_with_fullgraph_in_a_fresh_process.
 NEWER = ["segresnet3d", "swin2d-unnormalized", "attunet3d", "segresnetds3d-ds"]

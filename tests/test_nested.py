@@ -133,7 +133,7 @@ def test_the_merge_keeps_its_parts_not_their_concatenation():
 def test_nested_is_exact_on_the_newer_networks(case):
     """The whole network one nested group, each block an inner run: the same training as the parent (UNet++'s
     dense skips, SegResNetDS's and UNet++'s deep-supervision heads emitted from inner runs)."""
-    from test_networks_ii import make
+    from networks_registry import make
     parent, child, shape = make(case, WHOLE_NESTED)
     assert any(g.inner for g in child.checkpoint_groups())
     assert_same_training(parent, child, [torch.randn(*shape) for _ in range(2)])

@@ -11,7 +11,6 @@ its own width.
 """
 
 import copy
-import inspect
 import re
 
 import pytest
@@ -25,7 +24,8 @@ from dynamic_network_architectures.building_blocks.residual import BottleneckD  
 from torch import nn  # noqa: E402
 
 from helpers import (  # noqa: E402
-    assert_plain_forward_outside_training, assert_same_training, assert_same_under_autocast, backward_calls,
+    assert_plain_forward_outside_training, assert_same_constructor_error,
+    assert_same_signature_plus_keyword_only_policy, assert_same_training, assert_same_under_autocast, backward_calls,
     count_conv_calls, loss_of, make_pair, train_steps,
 )
 from monai_ckpt.nnunet import CheckpointPlainConvUNet, CheckpointResidualEncoderUNet  # noqa: E402
@@ -210,11 +210,7 @@ def test_segments_have_names_levels_and_kinds(case):
 @pytest.mark.parametrize("parent, child", [(PlainConvUNet, CheckpointPlainConvUNet),
                                            (ResidualEncoderUNet, CheckpointResidualEncoderUNet)])
 def test_same_signature_plus_keyword_only_policy(parent, child):
-    parent_params = inspect.signature(parent.__init__).parameters
-    child_params = inspect.signature(child.__init__).parameters
-    assert list(child_params)[:-1] == list(parent_params)
-    assert all(child_params[n].default == p.default for n, p in parent_params.items())
-    assert child_params["checkpoint_policy"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert_same_signature_plus_keyword_only_policy(parent, child)
 
 
 @pytest.mark.parametrize("parent, child, kw", [
@@ -222,11 +218,7 @@ def test_same_signature_plus_keyword_only_policy(parent, child):
     (ResidualEncoderUNet, CheckpointResidualEncoderUNet, _resenc(n_conv_per_stage_decoder=(1, 1))),
 ], ids=["plain", "resenc"])
 def test_constructor_errors_match_parent(parent, child, kw):
-    with pytest.raises(Exception) as expected:
-        parent(**kw)
-    with pytest.raises(expected.type) as got:
-        child(**kw)
-    assert str(got.value) == str(expected.value)
+    assert_same_constructor_error(parent, child, kw)
 
 
 def test_bad_policy_and_input_channels_are_clear_errors():
@@ -307,3 +299,40 @@ def test_size_multiple_names_a_size_that_trains():
     assert child.size_multiple() == (4, 8, 8)
     with pytest.raises(ValueError, match=re.escape("pad to (8, 16, 16)")):
         child(torch.randn(2, 2, 6, 16, 16))
+
+
+def _nnunet_default(parent: type) -> dict:
+    """What nnU-Net's default planners write into a plans file for a 3D network on the smallest patch they plan for
+    (32^3: downsampled to 4 voxels a side, four stages): features from 32 doubling, 3^3 kernels, stride 2 from the
+    second stage, two convolutions per stage (ResEnc M: its blocks per stage, one convolution per decoder stage),
+    deep supervision on. (The parents have no defaults of their own; six stages up to 320 features, the planners'
+    configuration for a clinical patch, take 20-45 s a step here: the same code.)"""
+    base = dict(input_channels=1, n_stages=4, features_per_stage=(32, 64, 128, 256), conv_op=nn.Conv3d,
+                kernel_sizes=[[3, 3, 3]] * 4, strides=[[1, 1, 1]] + [[2, 2, 2]] * 3, num_classes=2,
+                norm_op=nn.InstanceNorm3d, **NNUNET)
+    if parent is PlainConvUNet:
+        return dict(base, n_conv_per_stage=(2,) * 4, n_conv_per_stage_decoder=(2,) * 3)
+    return dict(base, n_blocks_per_stage=(1, 3, 4, 6), n_conv_per_stage_decoder=(1,) * 3)
+
+
+def _nnunet_network(case: str, shape: tuple[int, ...]):  # noqa: ANN202
+    from networks_registry import Network
+
+    parent, child, small, small_shape = CASES[case]
+    return Network(parent, child, case, small, small_shape, _nnunet_default(parent), shape)
+
+
+# the registry's entries for nnU-Net's networks (tests/networks_registry.py holds MONAI's): the default configuration
+# at the smallest size it trains on (at 8^3 the deepest level is one voxel, which instance norm cannot normalise)
+NNUNET_NETWORKS = {"plainconvunet": _nnunet_network("default3d-aniso", (1, 1, 16, 8, 8)),
+                   "residualencoderunet": _nnunet_network("resencL3d", (1, 1, 16, 8, 8))}
+
+
+@pytest.mark.parametrize("config", ["small", "default"])
+@pytest.mark.parametrize("name", NNUNET_NETWORKS)
+def test_trains_and_evaluates_on_a_metatensor_batch_as_the_parent(name, config):
+    """MONAI's MetaTensor batches (nnU-Net's pipeline hands a plain tensor; a MONAI pipeline around the network a
+    MetaTensor): tests/test_metatensor_and_defaults.py's check, on nnU-Net's networks."""
+    from test_metatensor_and_defaults import assert_trains_and_evaluates_on_a_metatensor_batch_as_the_parent
+
+    assert_trains_and_evaluates_on_a_metatensor_batch_as_the_parent(NNUNET_NETWORKS[name], config)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from monai.networks import eval_mode
 from monai.networks.nets import UNet
 from monai.networks.nets.unet import CheckpointUNet as MonaiCheckpointUNet
 
@@ -103,3 +104,14 @@ def test_cheap_keeps_the_unit_convolutions_not_the_residual_branch():
     parent, child = UNet(**cfg), CheckpointUNet(**cfg, checkpoint_policy=policy)
     child.load_state_dict(parent.state_dict())
     assert_same_training(parent, child, [torch.randn(*shape) for _ in range(2)])
+
+
+def test_eval_error_of_an_ill_shaped_input_is_the_parents():
+    """MONAI's tests/networks/nets/test_unet.py (test_ill_input_shape), on the subclass: eval mode raises the
+    parent's RuntimeError; training raises ours, which the same except clause catches."""
+    net = CheckpointUNet(spatial_dims=2, in_channels=1, out_channels=3, channels=(16, 32, 64), strides=(2, 2))
+    with eval_mode(net):
+        with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+            net.forward(torch.randn(2, 1, 16, 5))
+    with pytest.raises(RuntimeError, match=r"cannot take spatial size \(16, 5\).*pad to \(16, 8\)"):
+        net.train().forward(torch.randn(2, 1, 16, 5))

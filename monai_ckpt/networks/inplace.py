@@ -5,6 +5,10 @@ activations, ``out += residual`` in a residual block) makes autograd take its ba
 (CopySlices: a new tensor of the base's size and a clone of it, two more tensors of that size alive at once; at the
 top level of a network, its peak). Running the operation on the base and viewing the result back gives the same
 values and gradients without them.
+
+A tensor subclass (MONAI's ``MetaTensor``, what MONAI's data pipelines hand the network) keeps its type and its
+metadata: ``Tensor._base`` is the plain tensor the subclass's operator made, so the base is taken as the view's type,
+with the view's attributes, as the parent's operators would have kept them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,18 @@ def viewed_base(y: torch.Tensor) -> torch.Tensor | None:
     base = y._base
     if base is None or base.numel() != y.numel() or not (y.is_contiguous() and base.is_contiguous()):
         return None
+    if type(base) is torch.Tensor and type(y) is not torch.Tensor:
+        return _as_type_of(y, base)
     return base
+
+
+def _as_type_of(y: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``base`` (a plain tensor) as ``y``'s tensor subclass with ``y``'s attributes (a MetaTensor's metadata, shared
+    as MONAI's own operators share it within a batch): the same tensor and autograd history, so an in-place operation
+    on it is one on the base, and what is computed from it has the type and metadata the parent's forward gives."""
+    typed = base.as_subclass(type(y))
+    typed.__dict__.update(y.__dict__)
+    return typed
 
 
 def activate(act: nn.Module, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

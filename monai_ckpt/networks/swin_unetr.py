@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 from torch.nn import LayerNorm
 
 from ..chain import ChainStep, run_chain, segment_steps
+from ..checkpoint import recomputed_by_cheap
 from ..policies import PolicySpec
 from .base import CheckpointPolicyMixin
 from .dynunet import _conv_blocks, _up_blocks, conv_block_forward
@@ -37,7 +39,7 @@ def _stage_mask(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     spatial = tuple(x.shape[1:-1])
     window_size, shift_size = get_window_size(spatial, layer.window_size, layer.shift_size)
     if not any(s > 0 for s in shift_size):
-        return x.new_empty(0)
+        return x.new_empty((0,))  # a tuple: MONAI's MetaTensor.new_empty takes no bare int
     padded = [int(np.ceil(s / w)) * w for s, w in zip(spatial, window_size)]
     return compute_mask(padded, window_size, shift_size, x.device)
 
@@ -82,8 +84,10 @@ def _stage_blocks(swin: nn.Module, i: int, normalize: bool, name: str, inside: f
     transformer block; the first also goes channels last, the first that shifts its windows also builds the
     attention mask (carried to the later blocks that shift theirs), the last also merges patches and pushes the
     stage's hidden state (``push_hidden=False``: passes on only the hidden state, as the last stage does); the
-    segment ``name`` has ``after`` more blocks after them. A block named in ``inside`` runs within one of our checkpoints: its Swin block then
-    skips MONAI's own ``use_checkpoint``."""
+    segment ``name`` has ``after`` more blocks after them. A block named in ``inside`` runs within one of our
+    checkpoints that recomputes: its Swin block then skips MONAI's own ``use_checkpoint`` and, when that was asked
+    for, is recomputed by a ``"cheap"`` checkpoint too (its attention and MLP outputs are not kept: no policy keeps
+    more of a Swin block than MONAI's own checkpointing did)."""
     layer = getattr(swin, f"layers{i + 1}")[0]
     out = []
     if swin.use_v2:
@@ -94,15 +98,17 @@ def _stage_blocks(swin: nn.Module, i: int, normalize: bool, name: str, inside: f
     for j, block in enumerate(layer.blocks):
         block_name = f"{name}.{first + j}" if total > 1 else name
         own = use_checkpoint and block_name not in inside
+        replaced = use_checkpoint and block_name in inside  # MONAI's checkpoint, replaced by ours
         makes = bool(shifting) and j == shifting[0]
         takes = bool(shifting) and shifting[0] < j <= shifting[-1]
         passes = bool(shifting) and shifting[0] <= j < shifting[-1]
 
-        def fn(x, *popped, block=block, j=j, own=own, makes=makes):  # noqa: ANN001, ANN202
+        def fn(x, *popped, block=block, j=j, own=own, replaced=replaced, makes=makes):  # noqa: ANN001, ANN202
             if j == 0:
                 x = _stage_start(x)
             mask = _stage_mask(layer, x) if makes else (popped[0] if popped else None)
-            x = _swin_block(block, own, x, mask)
+            with recomputed_by_cheap() if replaced else contextlib.nullcontext():
+                x = _swin_block(block, own, x, mask)
             if j == n - 1:
                 x = _stage_end(layer, x)
                 return (x, swin.proj_out(x, normalize)) if push_hidden else swin.proj_out(x, normalize)
@@ -139,8 +145,10 @@ class CheckpointSwinUNETR(CheckpointPolicyMixin, SwinUNETR):
 
     MONAI's own ``use_checkpoint=True`` (each Swin block checkpoints its attention and its MLP) keeps working:
     it is the parent's forward under ``checkpoint_policy="none"``, and it stays in effect in every Swin block
-    that our policy leaves alone; a Swin block inside one of our checkpoints runs without it, so no block is
-    recomputed twice. `builtin_checkpoint` reports which it is.
+    that our policy leaves alone or offloads; a Swin block inside one of our checkpoints that recomputes runs without
+    it, so no block is recomputed twice, and is recomputed in full there, under ``"cheap"`` too (which otherwise keeps
+    the attention's and MLP's matrix products): with ``use_checkpoint=True`` no policy keeps more of a Swin block than
+    MONAI's own checkpointing. `builtin_checkpoint` reports which it is.
 
     The parent's arguments (in_channels, out_channels, patch_size, depths, num_heads, window_size, qkv_bias,
     mlp_ratio, feature_size, norm_name, drop_rate, attn_drop_rate, dropout_path_rate, normalize, norm_layer,
@@ -258,7 +266,8 @@ class CheckpointSwinUNETR(CheckpointPolicyMixin, SwinUNETR):
 
     @torch.jit.unused
     def _checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        inside = frozenset(name for group in self._checkpoint_groups for name in group.names)
+        # "offload" recomputes nothing: MONAI's own checkpoint stays on inside it (it is not nested in a recomputation)
+        inside = frozenset(name for group in self._checkpoint_groups if group.mode != "offload" for name in group.names)
         return run_chain(self._chain_steps(inside), self._checkpoint_groups, x)[0]
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:

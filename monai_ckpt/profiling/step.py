@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MiB", "LabelBatch", "build_network", "fake_mode", "make_optimizer", "mean_square", "replica",
-           "steady_state", "training_step"]
+__all__ = ["MiB", "LabelBatch", "build_network", "fake_mode", "make_optimizer", "mean_square", "reads_tensor_values",
+           "replica", "steady_state", "training_step"]
 
 MiB = 2**20
 
@@ -111,17 +111,35 @@ def steady_state(factory, input_shape, estimate, device, optimizer, amp, label=N
 def build_network(factory: Callable[[], nn.Module], estimate: bool) -> nn.Module:
     """``factory()``; in estimate mode (inside ``FakeTensorMode``), a network whose constructor reads tensor
     values (SwinUNETR's stochastic-depth rates, ``.item()``) is built for real, outside fake mode, and measured
-    as a fake `replica`."""
+    as a fake `replica`. That holds also where the factory wraps the error (MONAI's config parser raises a
+    ``RuntimeError`` from it: ``ConfigParser.get_parsed_content("network_def")``)."""
     if not estimate:
         return factory()
-    from torch._subclasses.fake_tensor import DataDependentOutputException, unset_fake_temporarily
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     try:
         return factory()
-    except DataDependentOutputException:
-        with unset_fake_temporarily():
-            network = factory()
-        return replica(network)
+    except Exception as error:  # noqa: BLE001 - re-raised unless a tensor's value was read
+        if not reads_tensor_values(error):
+            raise
+    with unset_fake_temporarily():
+        network = factory()
+    return replica(network)
+
+
+def reads_tensor_values(error: BaseException) -> bool:
+    """Whether ``error``, or an exception it was raised from (``raise ... from``, or while handling), is fake mode's
+    ``DataDependentOutputException``: code that needs a tensor's value, which a fake tensor does not have."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, DataDependentOutputException):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def replica(network: nn.Module, policy: Any = None) -> nn.Module:

@@ -174,7 +174,7 @@ PARITY = [i for i, c in enumerate(CASES) if (c[0] is SegResNet and c[1]["spatial
 
 @pytest.mark.parametrize("index", PARITY, ids=[IDS[i] for i in PARITY])
 def test_monai_case_training_parity(index):
-    """Policy "all" ("cheap" on the deep-supervision cases; every policy runs in test_networks_ii.py)."""
+    """Policy "all" ("cheap" on the deep-supervision cases; every policy runs in test_drop_in_contract.py)."""
     parent_cls, kw, shape, _ = CASES[index]
     deep = kw.get("deep_supervision") or kw.get("dsdepth", 1) > 1
     parent, child = make_pair(parent_cls, CHILD[parent_cls], kw, "cheap" if deep else "all")
