@@ -27,7 +27,8 @@ pytestmark = pytest.mark.xdist_group("docs")  # one worker builds the site once 
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
-GUIDE = ["get_started", "choose_a_policy", "fit_your_gpu", "bundles", "torch_compile", "troubleshooting"]
+GUIDE = ["get_started", "choose_a_policy", "fit_your_gpu", "bundles", "model_zoo", "inference", "nnunet", "torch_compile",
+         "troubleshooting"]
 NETWORKS = ["UNet", "VNet", "DynUNet", "SegResNet", "SegResNetDS", "AttentionUnet", "SwinUNETR", "BasicUNet",
             "BasicUNetPlusPlus"]
 
