@@ -1,57 +1,37 @@
 """The search: a `Planner` profiles a network once per question, then answers the measured peak of a policy, the
 model's peak and time, the fastest policy under a budget (`Planner.plan`) and the least-memory policy
-(`Planner.smallest`, nested only on request). Every policy it measures is a candidate of every plan it makes;
-`get_planner` keeps the last few planners of the process, so the same question gets the same answer."""
+(`Planner.smallest`, nested only on request; the search itself is in `least_memory`). Every policy it measures is a
+candidate of every plan it makes; `get_planner` keeps the last few planners of the process, so the same question
+gets the same answer."""
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..policies import PolicySpec, resolve_policy
+from .compiled import FINE_COMPILE_BUDGETS, CompiledStep, compile_budgets
+from .least_memory import FIXED_POLICIES, NestedSearch, least_memory, nested_least_memory, network_key, spec_text
 from .model import (
     group_labels,
     option_of,
     param_grads_after,
     policy_of,
-    policy_of_units,
     segment_options,
     solve,
     undominated,
     units_of,
 )
-from .moves import merge_deep, neighbours, nested_spec, nesting_moves
 from .profile import ChainProfile, chain_times, profile_chain
 from .result import GiB, Plan, format_size
-from .compiled import FINE_COMPILE_BUDGETS, CompiledStep, compile_budgets
 from .step import FakeStep, PlannedStep, make_step
 
 __all__ = ["FIXED_POLICIES", "Planner", "get_planner", "network_key", "spec_text"]
-
-FIXED_POLICIES: tuple[PolicySpec, ...] = ("none", "cheap", "all", "blocks", "sqrt", "encoder", "decoder",
-                                          {"every": 2})
-
-
-def network_key(network: nn.Module) -> tuple:
-    """What a plan depends on in a network: its structure and parameter shapes (not its weights)."""
-    return (type(network).__qualname__, repr(network),
-            tuple((tuple(t.shape), str(t.dtype)) for t in network.parameters()))
-
-
-_LEAST: dict[tuple, list[PolicySpec]] = {}  # per network: least-memory policies found so far, tried at every shape
-
-
-def spec_text(policy: PolicySpec) -> str:
-    import json
-
-    return json.dumps(policy, sort_keys=True)
-
 
 class Planner:
     """Profiles once (on first use), then answers: the measured peak of a policy, the model's peak and time,
@@ -71,7 +51,7 @@ class Planner:
         self._profile: ChainProfile | None = None
         self._times_done = False
         self._smallest: tuple[PolicySpec, int] | None = None
-        self._nested: _NestedSearch | None = None
+        self._nested: NestedSearch | None = None
 
     @property
     def profile(self) -> ChainProfile:
@@ -314,123 +294,15 @@ class Planner:
 
     def smallest(self, rounds: int = 4, per_round: int = 2, nested: bool = False,
                  stop_at: int | None = None, measurements: int = 24) -> tuple[PolicySpec, int]:
-        """The policy with the smallest measured peak: the least of the fixed policies, "all" with the top
-        decoders split into blocks, the model's least-memory choice and the least-memory policies found for this
-        network at other shapes; then a local search from the least of them (change a mode, split, merge runs
-        across segment boundaries, move a cut), each round measuring the ``per_round`` moves the model ranks
-        lowest, until no move lowers the measured peak.
-
-        With ``nested`` (the opt-in mode ``"nested"``), from that policy on: a greedy search over nested groups
-        (`nesting_moves`, highest resolution first, each measured; the first move that lowers the peak is
-        taken) until no move helps, the peak is at most ``stop_at`` bytes, or ``measurements`` are spent.
-        Returns the least found, nested or not."""
+        """The policy with the smallest measured peak (`least_memory.least_memory`); with ``nested`` (the opt-in
+        mode ``"nested"``), from that policy on, the greedy search over nested groups
+        (`least_memory.nested_least_memory`) until no move helps, the peak is at most ``stop_at`` bytes, or
+        ``measurements`` are spent. Returns the least found, nested or not."""
         if nested:
-            return self._smallest_nested(stop_at, measurements)
-        if self._smallest is not None:
-            return self._smallest
-        candidates: list[PolicySpec] = list(FIXED_POLICIES) + list(_LEAST.get(network_key(self.network), []))
-        segments = self.network.checkpoint_segments()
-        top = sorted((s for s in segments if s.kind == "decoder" and s.parts), key=lambda s: s.level)
-        for k in (1, 2):  # the highest-resolution decoders block by block: their activations dominate the peak
-            split = {s.name for s in top[:k]}
-            candidates.append([n for s in segments for n in (s.parts if s.name in split else (s.name,))])
-        lo, hi = self.profile.fixed_bytes, self.peak("none")
-        # the policies this search has measured: a neighbour among them is not a move; one measured by another
-        # question (a plan's bracketing) is, as in a search of its own, so that the answer does not depend on what
-        # was asked before (its peak is known: measuring it costs nothing)
-        seen = {spec_text("none"), spec_text("all")}
-        least = None
-        while hi - lo > max(1, hi // 1000):  # the least modelled peak, by bisection on the model budget
-            mid = (lo + hi) // 2
-            solved = solve(self.profile, mid, self.memory_options)
-            if solved is None:
-                lo = mid
-            else:
-                hi, least = mid, solved[0]
-        if least is not None:
-            candidates.append(policy_of(self.profile, least)[0])
-        modelled = sorted({spec_text(c): (self.modelled_peak(c), spec_text(c), c) for c in candidates}.values(),
-                          key=lambda m: m[:2])
-        # measure the candidates the model puts near the least (it is within ~15% of the measurement)
-        measured = [(self.peak(c), spec_text(c), c) for m, _, c in modelled[:4] if m <= 1.2 * modelled[0][0]]
-        measured += [(self.peak(c), spec_text(c), c) for c in candidates if spec_text(c) in seen]
-        seen.update(text for _, text, _ in measured)
-        peak, _, policy = min(measured, key=lambda m: m[:2])
-        units = self._units(policy)
-        # the deep levels as one run (what passes between their groups is then not kept): measured whatever the
-        # model says, which cannot tell these apart (it counts a run's boundaries, not what its backward holds)
-        for level in sorted({c.level for c in self.profile.costs}, reverse=True)[1:-1]:
-            deep = merge_deep(self.profile, units, level)
-            spec = policy_of_units(self.profile, deep)[0]
-            seen.add(spec_text(spec))
-            if self.peak(spec) < peak:
-                peak, policy, units = self.peak(spec), spec, deep
-        for _ in range(rounds):
-            moves = {}
-            for nxt in neighbours(units):
-                spec = policy_of_units(self.profile, nxt)[0]
-                if spec_text(spec) not in seen:
-                    kept = option_of(self.profile, nxt, self.grads_after).kept  # among equal peaks: keeps less
-                    moves.setdefault(spec_text(spec), (self._units_peak(nxt), kept, spec_text(spec), spec, nxt))
-            tried = [(peak_, text, spec, nxt) for peak_, _, text, spec, nxt in
-                     sorted(moves.values(), key=lambda m: m[:3])[:per_round]]
-            if not tried:
-                break
-            self.progress(f"least-memory search: {format_size(peak)} so far, measuring {len(tried)} neighbours")
-            seen.update(text for _, text, _, _ in tried)
-            better = min(((self.peak(spec), text, spec, nxt) for _, text, spec, nxt in tried), key=lambda m: m[:2])
-            if better[0] >= peak:
-                break
-            peak, _, policy, units = better
-        known = _LEAST.setdefault(network_key(self.network), [])
-        if all(spec_text(policy) != spec_text(k) for k in known):
-            known.append(policy)
-        self._smallest = (policy, peak)
+            return nested_least_memory(self, stop_at, measurements)
+        if self._smallest is None:
+            self._smallest = least_memory(self, rounds, per_round)
         return self._smallest
-
-    def _smallest_nested(self, stop_at: int | None, measurements: int) -> tuple[PolicySpec, int]:
-        """The greedy nested search, resumable: a search stopped at ``stop_at`` goes on from where it stopped when
-        asked for less; its path and its count of ``measurements`` do not depend on ``stop_at`` or on what other
-        questions measured, so it ends where an uninterrupted search ends."""
-        p = self.profile
-        state = self._nested
-        if state is None:  # start from the least policy without nesting: its full groups are the outer groups
-            policy, peak = self.smallest()
-            units = self._units(policy)
-            state = self._nested = _NestedSearch(policy, peak, [(blocks,) for blocks, mode in units if mode == "full"],
-                                                 [u for u in units if u[1] != "full"])
-        while not state.finished and (stop_at is None or state.peak > stop_at):
-            improved = False
-            for move in nesting_moves(p, state.outer):
-                flat = [(tuple(b for run in runs for b in run), "full") for runs in move if len(runs) == 1]
-                spec = nested_spec(p, sorted(state.others + flat), [runs for runs in move if len(runs) > 1])
-                text = spec_text(spec)
-                if text not in state.seen:
-                    if len(state.seen) >= measurements:
-                        break
-                    state.seen.add(text)
-                    self.progress(f"nested least-memory search: {format_size(state.peak)} so far, measuring move "
-                                  f"{len(state.seen)} of at most {measurements}")
-                measured = self.peak(spec)
-                if measured < state.peak:
-                    state.policy, state.peak, state.outer, improved = spec, measured, move, True
-                    break
-            state.finished = not improved
-        return state.policy, state.peak
-
-
-@dataclass
-class _NestedSearch:
-    """Where the greedy nested search stands: its least policy and peak, its outer groups (each a tuple of inner
-    runs) and the other units, the moves it has evaluated, and whether it has ended (no move helps, or its
-    measurements are spent)."""
-
-    policy: PolicySpec
-    peak: int
-    outer: list
-    others: list
-    seen: set = field(default_factory=set)
-    finished: bool = False
 
 
 # a budget below this fraction of the least peak without nesting is not searched with nested policies: nesting lowers
