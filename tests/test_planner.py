@@ -52,7 +52,10 @@ def test_plans_fit_and_predictions_are_accurate(name):
         measured = _measured(net, p.policy, input_shape)  # real tensors
         assert p.fits and measured <= p.budget_bytes, (name, shape, fraction, p)
         assert abs(p.predicted_peak_bytes - measured) <= 0.10 * measured, (name, shape, p, measured)
-        assert p.predicted_peak_bytes < plain == p.plain_peak_bytes and p.predicted_time_ratio > 1.0
+        # something is recomputed; its predicted cost is >= 1, not > 1: times are rounded to 0.2% of a step, and the
+        # recomputation a tiny network's plan needs can round to nothing on a loaded host
+        assert p.predicted_peak_bytes < plain == p.plain_peak_bytes and p.policy != "none"
+        assert p.predicted_time_ratio >= 1.0
 
 
 def test_a_budget_that_fits_plain_needs_no_checkpointing():
