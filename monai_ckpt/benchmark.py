@@ -132,41 +132,6 @@ def _factories(network: str, spatial_dims: int, in_channels: int, policies: Sequ
     return out
 
 
-def interleaved_step_times(
-    factories: Sequence[Callable[[], nn.Module]], input_shape: Sequence[int], steps: int, amp: bool = False,
-    warmup: int = 1,
-) -> tuple[list[list[float]], list[list[float]]]:
-    """Per-round step times of each network, interleaved in one process as `monai_ckpt.profiling.step_time_ratios`
-    runs them (each round one step of every network, the order rotating), kept round by round so that each
-    network's time can be divided by the plain network's time in the same round.
-
-    Returns:
-        (per network, its ratio-clock seconds per round: this process's CPU time on the CPU; per network, its wall
-        seconds per round).
-    """
-    import time
-
-    import torch
-
-    from .profiling import device_clock, make_optimizer, training_step
-
-    clock = device_clock("cpu")
-    models = [f().train() for f in factories]
-    optimizers = [make_optimizer(m) for m in models]
-    x = torch.randn(*input_shape)
-    cpu: list[list[float]] = [[] for _ in models]
-    wall: list[list[float]] = [[] for _ in models]
-    n = len(models)
-    for round_ in range(warmup + steps):
-        for i in [(round_ + k) % n for k in range(n)]:  # no network always runs first
-            w0, c0 = time.perf_counter(), clock()
-            training_step(models[i], x, optimizers[i], amp)
-            if round_ >= warmup:
-                cpu[i].append(clock() - c0)
-                wall[i].append(time.perf_counter() - w0)
-    return cpu, wall
-
-
 def _quartiles(values: Sequence[float]) -> tuple[float, float]:
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return q1, q3
@@ -199,6 +164,7 @@ def run_benchmark(
 
     from .policies import validate_policy
     from .profiling import measure_step_memory
+    from .profiling.timing import interleaved_step_times
 
     if network not in NETWORKS:
         raise ValueError(f"unknown network {network!r}; valid: {', '.join(NETWORKS)}.")
@@ -224,7 +190,7 @@ def run_benchmark(
         probe = "none" not in policies  # the plain computation, timed for the noise band only
         if probe:
             factories.append(network_factory(network, len(shape), in_channels, "none"))
-        cpu, wall = interleaved_step_times(factories, input_shape, steps, amp)
+        cpu, wall = interleaved_step_times(factories, input_shape, steps=steps, amp=amp)
         ratios = [[t / base for t, base in zip(times, cpu[0])] for times in cpu]
         plain_again = ratios[-1] if probe else ratios[1 + policies.index("none")]
         noise = max(abs(r - 1) for r in plain_again)
@@ -450,8 +416,8 @@ def _write_plot(args: argparse.Namespace, rows: Sequence[BenchmarkRow]) -> None:
     shown = ["none"] + [p for p in policies if p != "none"][:2]
     timelines = {json.dumps(p): memory_timeline(network_factory(args.network, spatial, args.in_channels, p),
                                                 input_shape, estimate=True, amp=args.amp) for p in shown}
-    blocks = block_costs(network_factory(args.network, spatial, args.in_channels), input_shape,
-                         estimate=args.estimate, repeats=1)
+    # the heatmap shows bytes only, which fake tensors give exactly: no block is run (or timed) for real
+    blocks = block_costs(network_factory(args.network, spatial, args.in_channels), input_shape, estimate=True)
     mode = "estimate" if args.estimate else "CPU"
     title = f"{args.network} {'x'.join(map(str, args.shape))} batch {args.batch} ({mode})"
     plot_benchmark(args.plot, rows, timelines, blocks, title)

@@ -14,6 +14,7 @@ from monai.inferers import SlidingWindowInferer, sliding_window_inference
 from torch import nn
 
 from .planner import InferencePlan, plan_inference
+from .profiling.step import parameter_device
 
 __all__ = ["PlannedSlidingWindowInferer"]
 
@@ -91,7 +92,7 @@ class PlannedSlidingWindowInferer(SlidingWindowInferer):
         if not isinstance(network, nn.Module):
             raise TypeError(f"with budget_gb the inferer plans the network's memory: give an nn.Module, got "
                             f"{type(network).__name__}.")
-        windows = next((p.device for p in network.parameters()), inputs.device)
+        windows = parameter_device(network, inputs.device)
         autocast = torch.is_autocast_enabled(windows.type)
         key = (tuple(inputs.shape), inputs.dtype, str(inputs.device), str(windows), autocast)
         if key not in self.plans:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from helpers import make_pair
 from monai.networks.nets import (
     AttentionUnet, BasicUNet, BasicUNetPlusPlus, DynUNet, SegResNet, SegResNetDS, SwinUNETR, UNet, VNet,
 )
@@ -176,8 +176,4 @@ CASES.update({
 def make(case: str, policy="all"):  # noqa: ANN001, ANN201
     """The parent and child of ``case`` holding the same weights (the child with ``policy``), and its input shape."""
     parent_cls, child_cls, kw, shape = CASES[case]
-    torch.manual_seed(0)
-    parent = parent_cls(**kw)
-    child = child_cls(**kw, checkpoint_policy=policy)
-    child.load_state_dict(parent.state_dict())
-    return parent, child, shape
+    return (*make_pair(parent_cls, child_cls, kw, policy), shape)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -422,16 +421,16 @@ def make_synthetic_dataset(
         raise ValueError(f"num_classes counts the background: a segmentation needs at least 2, got {num_classes}")
     stale = prepare_dataset_dir(output, _case_files(num_training, num_test, extensions), overwrite)
     means = np.asarray(intensities if intensities is not None else np.linspace(0, 1, num_classes), dtype=np.float32)
-    cases = functools.partial(_synthetic_cases, _ellipsoid_grid(shape), num_training + num_test, num_classes, means,
-                              noise, _per_case_spacings(spacing))
-    for i, (label, _, _) in enumerate(cases(np.random.default_rng(seed))):  # nothing is written before this check
+    cases = list(_synthetic_cases(_ellipsoid_grid(shape), num_training + num_test, num_classes, means, noise,
+                                  _per_case_spacings(spacing), np.random.default_rng(seed)))
+    for i, (label, _, _) in enumerate(cases):  # nothing is written before this check
         missing = sorted(set(range(num_classes)) - set(np.unique(label).tolist()))
         if missing:
             raise ValueError(f"shape {shape} is too small for {num_classes} classes: case {i} would have no voxel of "
                              f"class(es) {missing}; use a larger shape or fewer classes")
     _make_folders(output)
     training, test = [], []
-    for i, (label, image, affine) in enumerate(cases(np.random.default_rng(seed))):
+    for i, (label, image, affine) in enumerate(cases):
         if orientations:
             axcodes = orientations[i % len(orientations)]
         else:

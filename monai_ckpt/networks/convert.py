@@ -38,8 +38,7 @@ CHECKPOINT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     nets.BasicUNetPlusPlus: CheckpointBasicUNetPlusPlus,
 }
 _PARENTS = {child: parent for parent, child in CHECKPOINT_CLASSES.items()}
-_POLICY_ATTRIBUTES = ("_checkpoint_spec", "_checkpoint_groups", "_checkpoint_plans", "_checkpoint_plan_key",
-                      "_checkpoint_added")
+_POLICY_ATTRIBUTES = tuple(CheckpointPolicyMixin.__jit_ignored_attributes__)  # the policy's state on an instance
 
 
 def _supported() -> str:

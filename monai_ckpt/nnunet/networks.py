@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import pydoc
 from typing import Any
 
 import torch
@@ -359,3 +360,11 @@ def nnunet_network_classes() -> dict[str, type[nn.Module]]:
     """The nnU-Net network classes (by the name nnU-Net's plans give them) and their checkpoint-aware subclasses."""
     return {f"{PlainConvUNet.__module__}.{PlainConvUNet.__name__}": CheckpointPlainConvUNet,
             f"{ResidualEncoderUNet.__module__}.{ResidualEncoderUNet.__name__}": CheckpointResidualEncoderUNet}
+
+
+def checkpoint_class_for(network_class_name: str) -> type[nn.Module] | None:
+    """Our subclass of the network class a plans file names (by its full name, or by any name ``pydoc`` locates,
+    such as a re-export), or None when there is none."""
+    located = pydoc.locate(network_class_name)
+    name = f"{located.__module__}.{located.__name__}" if isinstance(located, type) else network_class_name
+    return nnunet_network_classes().get(name)

@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 from ..io import atomic_path
+from ..planner.device import CUDA_HEADROOM_FRACTION, CUDA_HEADROOM_MIN_GB
 from ..policies import PolicySpec, validate_policy
 from ..profiling import LabelBatch, measure_step_memory
-from .networks import nnunet_network_classes
+from .networks import checkpoint_class_for, nnunet_network_classes
 
 __all__ = ["ConfigurationPlan", "NnUNetStepLoss", "add_plan_arguments", "architecture_for", "candidate_patches",
            "plan_configuration", "predicted_step_peak", "run_plan", "write_configuration"]
@@ -154,13 +155,10 @@ def candidate_patches(spacing: Sequence[float], median_shape: Sequence[float]) -
 
 def _network_factory(architecture: dict, in_channels: int, num_classes: int, policy: PolicySpec,
                      deep_supervision: bool = True) -> Callable[[], nn.Module]:
-    classes = nnunet_network_classes()
-    name = architecture["network_class_name"]
-    located = pydoc.locate(name)
-    name = f"{located.__module__}.{located.__name__}" if isinstance(located, type) else name
-    if name not in classes:
+    ours = checkpoint_class_for(architecture["network_class_name"])
+    if ours is None:
         raise ValueError(f"the plans name the network {architecture['network_class_name']!r}; the planner knows "
-                         f"{sorted(classes)}.")
+                         f"{sorted(nnunet_network_classes())}.")
     kwargs = dict(architecture["arch_kwargs"])
     for key in architecture.get("_kw_requires_import", ()):
         if kwargs.get(key) is not None:
@@ -168,7 +166,7 @@ def _network_factory(architecture: dict, in_channels: int, num_classes: int, pol
     kwargs["deep_supervision"] = deep_supervision
 
     def factory() -> nn.Module:
-        return classes[name](input_channels=in_channels, num_classes=num_classes, **kwargs, checkpoint_policy=policy)
+        return ours(input_channels=in_channels, num_classes=num_classes, **kwargs, checkpoint_policy=policy)
 
     return factory
 
@@ -220,9 +218,9 @@ class ConfigurationPlan:
 
 
 def _headroom_bytes(gpu_memory_gb: float, headroom_gb: float | None) -> int:
-    """As `monai_ckpt.planner.plan` on CUDA: 10% of the GPU and at least 0.25 GiB, unless given."""
+    """As `monai_ckpt.planner.plan` on CUDA (`planner.device`: 10% of the GPU and at least 0.25 GiB), unless given."""
     if headroom_gb is None:
-        return int(max(0.1 * gpu_memory_gb, 0.25) * GiB)
+        return int(max(CUDA_HEADROOM_FRACTION * gpu_memory_gb, CUDA_HEADROOM_MIN_GB) * GiB)
     if headroom_gb < 0 or headroom_gb >= gpu_memory_gb:
         raise ValueError(f"headroom_gb must be at least 0 and below the GPU's {gpu_memory_gb} GiB, got {headroom_gb}.")
     return int(headroom_gb * GiB)

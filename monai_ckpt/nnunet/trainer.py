@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import pydoc
 from typing import Any
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -27,7 +26,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
 from ..policies import PolicySpec, validate_policy
-from .networks import nnunet_network_classes
+from .networks import checkpoint_class_for, nnunet_network_classes
 
 __all__ = ["POLICY_VARIABLE", "checkpoint_policy_of", "checkpointed_network_from_plans", "nnUNetTrainerCkpt"]
 
@@ -66,9 +65,7 @@ def checkpointed_network_from_plans(arch_class_name: str, arch_kwargs: dict, arc
     Raises:
         ValueError: when the plans name a network we have no checkpoint-aware copy of.
     """
-    located = pydoc.locate(arch_class_name)
-    name = f"{located.__module__}.{located.__name__}" if isinstance(located, type) else arch_class_name
-    ours = nnunet_network_classes().get(name)
+    ours = checkpoint_class_for(arch_class_name)
     if ours is None:
         raise ValueError(f"nnUNetTrainerCkpt checkpoints {sorted(nnunet_network_classes())}; these plans name "
                          f"{arch_class_name!r}: train them with nnUNetTrainer, or plan with nnU-Net's default or "

@@ -6,14 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import nn
 
 from ..policies import PolicySpec
 from .device import budget_bytes
 from .result import GiB
 from .search import get_planner
-from .step import input_shape_of, measured_peak
+from .step import input_shape_of, measured_peak, parameter_device
 
 __all__ = ["DEFAULT_BUDGETS_GB", "capacity_table", "format_capacity_table", "max_batch_size", "max_patch_edge"]
 
@@ -52,7 +51,7 @@ class Capacity:
 def least_memory_policy(network: nn.Module, input_shape: tuple[int, ...], amp: bool, optimizer: str) -> PolicySpec:
     """The least-memory policy at ``input_shape`` (the search `plan` falls back on; remembered for this network,
     so that `plan` at any shape tries it too)."""
-    where = next((p.device for p in network.parameters()), torch.device("cpu"))
+    where = parameter_device(network)
     # two rounds of local moves: a capacity search asks at many sizes; plan() at the size it picks tries this policy
     return get_planner(network, input_shape, amp, optimizer, None, "index", where, timing=False).smallest(rounds=2)[0]
 

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..policies import PolicySpec
 from ..profiling import training_step
+from ..profiling.step import autocast_dtype
 from ..profiling.tracker import step_tracker
 from .step import FakeStep
 
@@ -168,7 +169,7 @@ class CompiledStep:
             namespace: dict[str, Any] = {}
             exec(compile("def run(model, x):\n    return model(x)\n", f"<monai_ckpt compiled plan {len(self._graphs)}>",
                          "exec"), namespace)
-            amp_dtype = torch.bfloat16 if x.device.type == "cpu" else torch.float16
+            amp_dtype = autocast_dtype(x.device)
             if chain:
                 model._checkpointing = lambda x: True
             try:  # floats (dropout's p) as constants: a float made a graph input would be read from a fake tensor

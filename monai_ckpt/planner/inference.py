@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from ..profiling import sliding_window_memory, window_batches, window_positions
-from ..profiling.sliding_window import SlidingWindowMemory, autocast_dtype
+from ..profiling.sliding_window import SlidingWindowMemory
+from ..profiling.step import autocast_dtype, parameter_device
 from .device import budget_bytes, headroom_bytes
 from .inference_plan import InferencePlan, WindowSetting
 from .result import format_size
@@ -157,7 +158,7 @@ def plan_inference(
     report = stderr_progress if progress is True else progress or (lambda message: None)
     image, roi = check_inference_input(network, image_shape, roi_size)
     budget = budget_bytes(budget_gb)
-    here = next((p.device for p in network.parameters()), torch.device("cpu"))
+    here = parameter_device(network)
     try:
         windows = torch.device(device) if device is not None else here
         image_at = torch.device(image_device) if image_device is not None else windows
@@ -343,7 +344,8 @@ def plan_inference(
     if timer.available:
         clock = "process CPU time" if windows.type == "cpu" else "CUDA wall time"
         timed_on = f"forwards timed on {w_name} ({clock}), stitching at measured rates"
-        ratio = timed[chosen] / seconds(default) if seconds(default) > 0 else None
+        base = timed[default] if default in timed else seconds(default)
+        ratio = timed[chosen] / base if base > 0 else None
     else:
         timed_on = (f"not timed: {w_name} is not here, so sw_batch_size stays 1 and stitching is ranked at nominal "
                     "rates")

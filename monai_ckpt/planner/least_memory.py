@@ -45,12 +45,8 @@ def least_memory(planner: Planner, rounds: int = 4, per_round: int = 2) -> tuple
     decoders split into blocks, the model's least-memory choice and the least-memory policies found for this
     network at other shapes; then a local search from the least of them (change a mode, split, merge runs
     across segment boundaries, move a cut), each round measuring the ``per_round`` moves the model ranks
-    lowest, until no move lowers the measured peak.
-
-    With ``nested`` (the opt-in mode ``"nested"``), from that policy on: a greedy search over nested groups
-    (`nesting_moves`, highest resolution first, each measured; the first move that lowers the peak is
-    taken) until no move helps, the peak is at most ``stop_at`` bytes, or ``measurements`` are spent.
-    Returns the least found, nested or not."""
+    lowest, until no move lowers the measured peak. Returns (policy, peak); ``Planner.smallest`` keeps it, and
+    `LEAST_FOUND` keeps the policy for this network's other shapes."""
     candidates: list[PolicySpec] = list(FIXED_POLICIES) + list(LEAST_FOUND.get(network_key(planner.network), []))
     segments = planner.network.checkpoint_segments()
     top = sorted((s for s in segments if s.kind == "decoder" and s.parts), key=lambda s: s.level)
@@ -112,13 +108,16 @@ def least_memory(planner: Planner, rounds: int = 4, per_round: int = 2) -> tuple
 
 
 def nested_least_memory(planner: Planner, stop_at: int | None, measurements: int) -> tuple[PolicySpec, int]:
-    """The greedy nested search, resumable: a search stopped at ``stop_at`` goes on from where it stopped when
-    asked for less; its path and its count of ``measurements`` do not depend on ``stop_at`` or on what other
-    questions measured, so it ends where an uninterrupted search ends."""
+    """From the least policy without nesting (``planner.smallest()``) on: a greedy search over nested groups
+    (`nesting_moves`, highest resolution first, each measured; the first move that lowers the peak is taken) until
+    no move helps, the peak is at most ``stop_at`` bytes, or ``measurements`` are spent. Resumable: a search stopped
+    at ``stop_at`` goes on from where it stopped when asked for less; its path and its count of ``measurements`` do
+    not depend on ``stop_at`` or on what other questions measured, so it ends where an uninterrupted search ends.
+    Returns the least found, nested or not."""
     p = planner.profile
     state = planner._nested
     if state is None:  # start from the least policy without nesting: its full groups are the outer groups
-        policy, peak = least_memory(planner)
+        policy, peak = planner.smallest()  # the cached search, which plan() has usually run already
         units = planner._units(policy)
         state = planner._nested = NestedSearch(policy, peak, [(blocks,) for blocks, mode in units if mode == "full"],
                                              [u for u in units if u[1] != "full"])

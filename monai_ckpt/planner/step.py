@@ -22,7 +22,7 @@ from ..profiling import (
     replica,
     training_step,
 )
-from ..profiling.step import steady_state
+from ..profiling.step import autocast_dtype, parameter_device, steady_state
 from ..profiling.tracker import step_tracker
 
 __all__ = ["FakeStep", "PlannedStep", "input_shape_of", "label_batch", "make_step", "measured_peak",
@@ -45,17 +45,12 @@ class PlannedStep:
         return (id(self.user_loss), self.label)
 
 
-def parameter_device(network: nn.Module) -> torch.device:
-    return next((p.device for p in network.parameters()), torch.device("cpu"))
-
-
 def training_output(network: nn.Module, input_shape: tuple[int, ...], amp: bool) -> Any:
     """The network's training output for ``input_shape``, as fake tensors (shapes and dtypes only)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     device = parameter_device(network)
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    with FakeTensorMode(), torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+    with FakeTensorMode(), torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
         return replica(network, "none").train()(torch.randn(input_shape, device=device))
 
 

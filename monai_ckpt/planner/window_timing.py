@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..profiling import device_clock
-from ..profiling.sliding_window import autocast_dtype
+from ..profiling.step import autocast_dtype, parameter_device
 from .inference_plan import WindowSetting
 
 __all__ = ["NOMINAL_BYTES_PER_S", "WindowTimer", "kept_timer", "stitch_seconds"]
@@ -28,7 +28,7 @@ class WindowTimer:
     """Forward times of the real network on the windows' device, and the stitching rates of each device."""
 
     def __init__(self, network: nn.Module, windows: torch.device) -> None:
-        here = next((p.device for p in network.parameters()), torch.device("cpu"))
+        here = parameter_device(network)
         self.network_ref, self.windows = weakref.ref(network), windows  # kept timings must not keep a network
         self.available = here.type == windows.type and (windows.index is None or here.index == windows.index)
         self.clock = device_clock(windows) if self.available else time.perf_counter
@@ -42,7 +42,7 @@ class WindowTimer:
         (every round runs each in turn, the order rotating; one warm-up round), and keeps each one's fastest
         round: other processes on a shared machine only ever add to a time."""
         network = self.network_ref()
-        device = next((p.device for p in network.parameters()), self.windows)
+        device = parameter_device(network, self.windows)
         training = network.training
         network.eval()
         times: dict[tuple[int, bool], list[float]] = {key: [] for key in batches}

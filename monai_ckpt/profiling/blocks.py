@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..chain import run_steps
 from ..checkpoint import cheap_keeps
-from .step import build_network, fake_mode
+from .step import autocast_dtype, build_network, fake_mode, parameter_device
 from .timing import device_clock
 
 __all__ = ["BlockCost", "block_costs", "block_key", "saved_for_backward", "storage_bytes", "storages_of"]
@@ -225,7 +225,7 @@ def block_costs(
             model.to(device)
         steps = model._chain_steps()
         # fakes live where the network's (fake) parameters are: a CUDA network's fakes are CUDA fakes
-        where = device if not estimate else next((p.device for p in model.parameters()), torch.device("cpu"))
+        where = device if not estimate else parameter_device(model)
         x = torch.randn(*input_shape, device=where)
         params = storages_of(*model.parameters())
         # per block, one record per timed run: forward, cheap recompute, tail, cheap tail
@@ -264,8 +264,7 @@ def block_costs(
                     return t
 
                 t0 = clock()
-                amp_dtype = torch.bfloat16 if x.device.type == "cpu" else torch.float16
-                with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp):
+                with torch.autocast(x.device.type, dtype=autocast_dtype(x.device), enabled=amp):
                     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
                         outs = run_steps([step], h, *stack)
                 if rep > 0:  # the first run is the warm-up (and, in estimate mode, the only one: no times)
@@ -273,7 +272,7 @@ def block_costs(
                     timings[step.block].append((clock() - t0, recorder.recompute_s,
                                                 recorder.ops_s - ops_at_save, recorder.recompute_s - recompute_at_save))
                 if rep == 0 and reuse_identical:
-                    made_like[index] = _new_outputs(step, h, stack, outs)
+                    made_like[index] = _new_outputs(step, stack, outs, before)
                     if made_like[index] is None:
                         del made_like[index]
                 h, stack = outs[0], list(outs[1 : len(outs) - step.emit])
@@ -298,18 +297,17 @@ def block_costs(
     return costs
 
 
-def _new_outputs(step: Any, x: torch.Tensor, stack: list[torch.Tensor], outs: Sequence[torch.Tensor],
+def _new_outputs(step: Any, stack: list[torch.Tensor], outs: Sequence[torch.Tensor], inputs: dict[int, Any],
                  ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]] | None:
-    """What a step made: its running output (None for a side head, which leaves ``x`` as it is), the tensors it
+    """What a step made: its running output (None for a side head, which leaves its input as it is), the tensors it
     pushed (extras, then itself when ``push``: only the extras are kept here) and what it emitted; None when one of
-    them shares storage with its inputs (then no later block may copy it)."""
-    inputs = storages_of(x, *stack)
+    them shares storage with its ``inputs`` (the storages of its input and stack: then no later block may copy it)."""
     kept = len(stack) - step.pops
     new_x = None if step.emit else outs[0]
     extras = list(outs[1 + kept: 1 + kept + step.extra])
     emitted = list(outs[len(outs) - 1:]) if step.emit else []
     made = [t for t in (new_x, *extras, *emitted) if t is not None]
-    if any(k in inputs for k in storages_of(*made)) if made else False:
+    if any(k in inputs for k in storages_of(*made)):
         return None
     return new_x, extras, emitted
 

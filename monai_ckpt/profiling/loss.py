@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .step import LabelBatch, fake_mode
+from .step import LabelBatch, autocast_dtype, fake_mode
 from .tracker import step_tracker
 
 __all__ = ["LossMemory", "LossStandIn", "loss_memory"]
@@ -54,7 +54,7 @@ def _loss_phases(loss: Callable[..., torch.Tensor], out: torch.Tensor | list[tor
     heads = out if isinstance(out, list) else [out]
     tracker.track_external(*heads, label)
     device = heads[0].device.type
-    dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16 if device == "cpu" else torch.float16
+    dtype = amp if isinstance(amp, torch.dtype) else autocast_dtype(device)
     with tracker:
         base = tracker.live_bytes()
         with torch.autocast(device, dtype=dtype, enabled=bool(amp)):

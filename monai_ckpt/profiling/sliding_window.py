@@ -41,16 +41,12 @@ from unittest import mock
 import torch
 from torch import nn
 
-from .step import fake_mode, replica
+from .blocks import storage_bytes, storages_of
+from .step import autocast_dtype, fake_mode, parameter_device, replica
 from .tracker import step_tracker
 
 __all__ = ["CallProfile", "SlidingWindowMemory", "autocast_dtype", "network_call", "sliding_window_memory",
            "window_batches", "window_positions"]
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """Autocast's lower precision: bf16 on the CPU, fp16 on CUDA (the same bytes either way)."""
-    return torch.bfloat16 if device.type == "cpu" else torch.float16
 
 
 @dataclass(frozen=True)
@@ -127,7 +123,7 @@ def network_call(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, amp
     """The (first, later) forward of ``model`` (in eval, on fake tensors, under ``no_grad``) on an input of
     ``shape``, measured with MemTracker in one run, as MONAI's loop calls it: the first call of a run fills
     autocast's cache, the later ones find it (and free what the call before them left)."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = parameter_device(model)
     x = torch.empty(tuple(shape), dtype=dtype, device=device)
     tracker = _call_tracker()()
     tracker.track_external(model, x)
@@ -138,8 +134,7 @@ def network_call(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, amp
             before = tracker.high = tracker.live_bytes()
             out = model(x)
             tensors, structure = _flatten(out)
-            storages = {id(t.untyped_storage()): t.untyped_storage() for t in tensors}
-            out_bytes = sum(s.nbytes() for s in storages.values())
+            out_bytes = storage_bytes(storages_of(*tensors))
             residue = tracker.live_bytes() - before - out_bytes
             calls.append(CallProfile(tracker.high - before, max(residue, 0), tuple(_TensorSpec.of(t) for t in tensors),
                                      structure))
@@ -183,17 +178,11 @@ def window_batches(
     """(windows per image, the batch size of each network call, each buffer's spatial shape) of MONAI's
     ``sliding_window_inference`` on an image of ``image_shape`` (batch, channels, *spatial), from MONAI's own
     window and buffer functions."""
-    from monai.data.utils import dense_patch_slices
     from monai.inferers import utils as sw
-    from monai.utils import ensure_tuple_rep
 
-    batch, _, *spatial = (int(s) for s in image_shape)
-    dims = len(spatial)
-    roi = tuple(int(r) for r in roi_size)
-    image_size = tuple(max(s, r) for s, r in zip(spatial, roi))
-    interval = sw._get_scan_interval(image_size, roi, dims, ensure_tuple_rep(overlap, dims))
+    batch, dims = int(image_shape[0]), len(image_shape) - 2
     buffered = buffer_steps is not None and buffer_steps > 0
-    slices = dense_patch_slices(image_size, roi, interval, return_slice=not buffered)
+    image_size, slices = _window_slices(image_shape, roi_size, overlap, return_slice=not buffered)
     if not buffered:
         total = len(slices) * batch
         return len(slices), tuple(min(sw_batch_size, total - s) for s in range(0, total, sw_batch_size)), ()
@@ -211,6 +200,13 @@ def window_batches(
 def window_positions(image_shape: Sequence[int], roi_size: Sequence[int],
                      overlap: float | Sequence[float]) -> tuple[int, ...]:
     """How many window positions MONAI's ``sliding_window_inference`` takes along each spatial dimension."""
+    _, slices = _window_slices(image_shape, roi_size, overlap, return_slice=False)
+    return tuple(len({int(w[d][0]) for w in slices}) for d in range(len(image_shape) - 2))
+
+
+def _window_slices(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float | Sequence[float],
+                   return_slice: bool) -> tuple[tuple[int, ...], Any]:
+    """(the padded image size, MONAI's window slices), as ``sliding_window_inference`` computes them."""
     from monai.data.utils import dense_patch_slices
     from monai.inferers import utils as sw
     from monai.utils import ensure_tuple_rep
@@ -218,8 +214,7 @@ def window_positions(image_shape: Sequence[int], roi_size: Sequence[int],
     spatial, roi = [int(s) for s in image_shape[2:]], tuple(int(r) for r in roi_size)
     image_size = tuple(max(s, r) for s, r in zip(spatial, roi))
     interval = sw._get_scan_interval(image_size, roi, len(roi), ensure_tuple_rep(overlap, len(roi)))
-    slices = dense_patch_slices(image_size, roi, interval, return_slice=False)
-    return tuple(len({int(w[d][0]) for w in slices}) for d in range(len(roi)))
+    return image_size, dense_patch_slices(image_size, roi, interval, return_slice=return_slice)
 
 
 def _kept_windows(slices: Any, sw_batch_size: int, buffer_dim: int | None) -> Any:
@@ -348,7 +343,7 @@ def sliding_window_memory(
     from monai.data.utils import compute_importance_map
     from monai.inferers import sliding_window_inference
 
-    on = next((p.device for p in network.parameters()), torch.device("cpu"))
+    on = parameter_device(network)
     sw_dev = torch.device(sw_device) if sw_device is not None else on
     image_dev = torch.device(image_device) if image_device is not None else sw_dev
     out_dev = torch.device(device) if device is not None else image_dev
@@ -377,10 +372,7 @@ def sliding_window_memory(
         shortcut = estimate and not every_window
 
         def replay(shape: tuple, dtype: torch.dtype) -> tuple[CallProfile, CallProfile]:
-            key = (shape, dtype, amp)
-            if key not in profiles:
-                raise KeyError(key)
-            return profiles[key]
+            return profiles[(shape, dtype, amp)]
 
         if shortcut:
             for size in sorted(set(calls)):
@@ -400,7 +392,7 @@ def sliding_window_memory(
                 peak = _device_totals(tracker.get_tracker_snapshot("peak"))
         finally:
             network.train(training)
-        first = out[0] if isinstance(out, (list, tuple)) else next(iter(out.values())) if isinstance(out, dict) else out
+        first = _flatten(out)[0][0]
         output_shape, output_dtype = tuple(first.shape), first.dtype
         window_dtype = predictor.out_dtype or output_dtype
         del out, first

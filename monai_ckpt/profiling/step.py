@@ -18,10 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MiB", "LabelBatch", "build_network", "fake_mode", "make_optimizer", "mean_square", "reads_tensor_values",
-           "replica", "steady_state", "training_step"]
+__all__ = ["MiB", "LabelBatch", "autocast_dtype", "build_network", "fake_mode", "make_optimizer", "mean_square",
+           "parameter_device", "reads_tensor_values", "replica", "steady_state", "training_step"]
 
 MiB = 2**20
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype:
+    """Autocast's lower precision on ``device``: bf16 on the CPU, fp16 on CUDA (the same bytes either way)."""
+    return torch.bfloat16 if torch.device(device).type == "cpu" else torch.float16
+
+
+def parameter_device(network: nn.Module, default: torch.device | None = None) -> torch.device:
+    """The device of the network's first parameter; ``default`` (the CPU if None) for a network without any."""
+    return next((p.device for p in network.parameters()), default if default is not None else torch.device("cpu"))
 
 
 def make_optimizer(model: nn.Module, optimizer: str = "adam") -> torch.optim.Optimizer | None:
@@ -72,7 +82,7 @@ def training_step(
     stays alive until the step ends, as a trainer keeps it (``engine.state.output``).
     ``amp``: autocast, bf16 on CPU and fp16 on CUDA, or the dtype given.
     ``on_phase("backward")`` and ``on_phase("optimizer")`` are called as those phases start."""
-    dtype = amp if isinstance(amp, torch.dtype) else torch.bfloat16 if x.device.type == "cpu" else torch.float16
+    dtype = amp if isinstance(amp, torch.dtype) else autocast_dtype(x.device)
     with torch.autocast(x.device.type, dtype=dtype, enabled=bool(amp)):
         out = model(x)
         value = mean_square(out) if loss is None else loss(out, label).mean()

@@ -13,9 +13,9 @@ from torch import nn
 
 from .step import make_optimizer, training_step
 
-__all__ = ["device_clock", "step_time_ratios"]
+__all__ = ["device_clock", "interleaved_step_times", "step_time_ratios"]
 
-def step_time_ratios(
+def interleaved_step_times(
     factories: Sequence[Callable[[], nn.Module]],
     input_shape: Sequence[int],
     *,
@@ -25,8 +25,8 @@ def step_time_ratios(
     amp: bool = False,
     optimizer: str = "adam",
     clock: str = "process",
-) -> tuple[list[float], list[float]]:
-    """Median step time of each network, and its ratio to the first, interleaved in one process.
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Step times of each network, round by round, interleaved in one process.
 
     All networks get the same weights-independent input; each round runs one step of every network in
     turn (A B C, B C A, C A B ...: the order rotates so that no network always runs first), so load on a
@@ -39,7 +39,8 @@ def step_time_ratios(
             kernel's page faults): see `device_clock`.
 
     Returns:
-        (median wall-clock seconds per network, ratio of each network's median to the first network's).
+        (per network, its ratio-clock seconds of each round after the warm-up; per network, its wall-clock seconds
+        of each round), so that a time can be divided by another network's in the same round.
     """
     cpu_clock = device_clock("cpu", clock)
     device = torch.device(device)
@@ -62,6 +63,28 @@ def step_time_ratios(
             if round_ >= warmup:
                 wall[i].append(time.perf_counter() - w0)
                 ratio_clock[i].append(wall[i][-1] if cuda else cpu_clock() - c0)
+    return ratio_clock, wall
+
+
+def step_time_ratios(
+    factories: Sequence[Callable[[], nn.Module]],
+    input_shape: Sequence[int],
+    *,
+    steps: int = 5,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    optimizer: str = "adam",
+    clock: str = "process",
+) -> tuple[list[float], list[float]]:
+    """Median step time of each network, and its ratio to the first, interleaved in one process
+    (`interleaved_step_times`, whose arguments these are).
+
+    Returns:
+        (median wall-clock seconds per network, ratio of each network's median to the first network's).
+    """
+    ratio_clock, wall = interleaved_step_times(factories, input_shape, steps=steps, warmup=warmup, device=device,
+                                               amp=amp, optimizer=optimizer, clock=clock)
     base = statistics.median(ratio_clock[0])
     return [statistics.median(t) for t in wall], [statistics.median(t) / base for t in ratio_clock]
 
