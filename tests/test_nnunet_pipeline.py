@@ -248,9 +248,10 @@ def test_candidate_patches_are_nnunets_own(nnunet, tmp_path):
 
 
 def test_plan_command_writes_a_configuration_nnunet_reads(nnunet, trained, capsys):
-    """``python -m monai_ckpt.nnunet plan`` with a GPU too small for the tiny plan without checkpointing: it adds a
-    configuration inheriting 3d_fullres with a policy that fits; nnU-Net reads it, nnUNetTrainerCkpt builds it with
-    that policy, and a second run replaces only its own configuration."""
+    """``python -m monai_ckpt.nnunet plan --keep-patch`` with a GPU too small for the tiny plan without checkpointing:
+    it adds a configuration inheriting 3d_fullres with the planner's policy, faster than "all" (recomputing less) and
+    within the budget in a real step; nnU-Net reads it, nnUNetTrainerCkpt builds it with that policy, a second run
+    (with ``--policies``) replaces only its own configuration, and a GPU too small for the patch is a clear error."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from monai_ckpt.nnunet.__main__ import main
@@ -260,17 +261,30 @@ def test_plan_command_writes_a_configuration_nnunet_reads(nnunet, trained, capsy
     path = os.path.join(nnunet["nnUNet_preprocessed"], DATASET, "nnUNetPlans.json")
     plans = PlansManager(json.loads(open(path).read()))
     source = plans.get_configuration("3d_fullres").configuration
-    peaks = {p: predicted_step_peak(source["architecture"], source["patch_size"], 2, 1, 3, p) for p in ("none", "all")}
-    gpu_gb = (peaks["all"] + 0.5 * (peaks["none"] - peaks["all"])) / 2**30 / 0.9 + 0.001  # between, after headroom
+    arch, patch = source["architecture"], source["patch_size"]
+    peaks = {p: predicted_step_peak(arch, patch, 2, 1, 3, p) for p in ("none", "cheap", "all")}
+    assert peaks["all"] < peaks["cheap"] < peaks["none"]
+    gpu_gb = (peaks["cheap"] + 0.5 * (peaks["none"] - peaks["cheap"])) / 2**30 / 0.9  # "cheap" fits, "none" not
     assert main(["plan", "-d", str(DATASET_ID), "--gpu-memory-gb", f"{gpu_gb:.4f}", "--headroom-gb",
-                 f"{gpu_gb * 0.1:.4f}", "--name", "3d_fullres_small", "--policies", '["none", "all"]']) == 0
+                 f"{gpu_gb * 0.1:.4f}", "--name", "3d_fullres_small", "--keep-patch"]) == 0
     assert "added '3d_fullres_small'" in capsys.readouterr().out
     configuration = PlansManager(json.loads(open(path).read())).get_configuration("3d_fullres_small")
     assert configuration.patch_size == source["patch_size"]
-    assert configuration.configuration["checkpoint_policy"] == "all"
     assert configuration.data_identifier == source["data_identifier"]
+    policy, note = configuration.configuration["checkpoint_policy"], configuration.configuration["monai_ckpt"]
+    assert policy not in ("none", "all") and note["predicted_time_ratio"] >= 1
     network = nnUNetTrainerCkpt.build_network_architecture(plans, configuration, 1, 3, True)
-    assert network.checkpoint_policy == "all"
-    assert main(["plan", "-d", str(DATASET_ID), "--gpu-memory-gb", "8", "--name", "3d_fullres_small"]) == 0
+    assert network.checkpoint_policy == policy
+    norms = sum(m.num_features for m in network.modules() if isinstance(m, torch.nn.InstanceNorm3d))
+    predicted, measured = (predicted_step_peak(arch, patch, 2, 1, 3, policy, estimate=e) for e in (True, False))
+    assert note["predicted_peak_gib"] == round(predicted / 2**30, 3) and predicted <= gpu_gb * 0.9 * 2**30
+    assert 0 <= measured - predicted <= 4 * 2 * norms  # a real bf16 step: see the test above
+    assert main(["plan", "-d", str(DATASET_ID), "--gpu-memory-gb", "8", "--name", "3d_fullres_small",
+                 "--policies", '["all"]']) == 0
+    rewritten = PlansManager(json.loads(open(path).read())).get_configuration("3d_fullres_small").configuration
+    assert rewritten["checkpoint_policy"] == "all" and rewritten["monai_ckpt"]["predicted_time_ratio"] is None
     assert main(["plan", "-d", str(DATASET_ID), "--gpu-memory-gb", "8", "--name", "3d_fullres"]) == 2
     assert "monai_ckpt did not write" in capsys.readouterr().err
+    assert main(["plan", "-d", str(DATASET_ID), "--gpu-memory-gb", "0.01", "--headroom-gb", "0.001",
+                 "--keep-patch", "--dry-run"]) == 2
+    assert f"the configuration's patch {source['patch_size']} (batch 2) does not fit" in capsys.readouterr().err

@@ -92,6 +92,31 @@ def test_block_costs_hand_count():
         (c.block, c.saved_bytes, c.output_bytes) for c in costs.values()]
 
 
+def test_timing_the_blocks_keeps_no_network_alive():
+    """DynUNet's in-place leaky ReLU saves its own output: a forward timed for the planner (which has no backward)
+    held its graph through that saved tensor, a cycle Python's gc cannot see, and with it the network's parameters:
+    planning in a loop grew by a network per plan (nnU-Net's ResEnc L, the docs' planner script ran out of memory).
+    None stays alive."""
+    import gc
+    import weakref
+
+    from networks_registry import dynunet_kwargs
+
+    from monai_ckpt import CheckpointDynUNet
+    from monai_ckpt.profiling import block_costs
+
+    made = []
+
+    def factory() -> nn.Module:
+        net = CheckpointDynUNet(**dynunet_kwargs())
+        made.extend(weakref.ref(p) for p in net.parameters())  # autograd's graph holds parameters, not modules
+        return net
+
+    block_costs(factory, (2, 2, 16, 16, 16), repeats=1)
+    gc.collect()
+    assert made and [ref() for ref in made] == [None] * len(made)
+
+
 def test_block_costs_tail_hand_count(monkeypatch):
     """What a checkpoint ending with a block does not rerun: torch stops a recomputation once every saved
     tensor is back, and an operator saves its inputs before it runs. With a clock that advances one unit per

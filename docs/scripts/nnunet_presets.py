@@ -1,10 +1,12 @@
 """docs/guide/nnunet.md: nnU-Net's own plans (default, ResEnc M/L/XL, and ResEnc-L's plan for a 48 GB GPU) for an abdominal CT
 fingerprint, the predicted peak of one nnUNetTrainer step of each (bf16 autocast, nnU-Net's deep-supervision DC+CE
-loss, SGD with momentum, fake tensors: nothing allocated) without checkpointing and with our policies, what
+loss, SGD with momentum, fake tensors: nothing allocated) without checkpointing and with our policies, the fastest
+policy under 10 GiB for ResEnc-L's 24 GB plan and under 21.6 GiB (a 24 GB GPU less headroom) for its 48 GB plan, what
 ``python -m monai_ckpt.nnunet plan`` chooses for 12, 16 and 24 GiB GPUs from ResEnc-L's plans, and CPU step-time
-ratios of each network (interleaved, one process, user CPU time, fp32) at a small patch.
+ratios of the default network and both ResEnc-L plans (interleaved, one process, user CPU time, fp32) at a small
+patch.
 
-    python docs/scripts/nnunet_presets.py WORKDIR [--times SIZE]
+    python docs/scripts/nnunet_presets.py WORKDIR [--times SIZE] [--times-large SIZE]
 
 Needs ``pip install monai-ckpt[nnunet]``. The fingerprint (100 CT volumes, 512x512 in-plane at 0.6-1.0 mm, slices
 of 0.7-5 mm) is made up, not measured: it writes a dataset.json, a dataset_fingerprint.json and one 8^3 image (nnU-Net
@@ -75,12 +77,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
     parser.add_argument("--times", type=int, default=64, help="patch edge for the CPU step-time ratios (0: none)")
+    parser.add_argument("--times-large", type=int, default=0,
+                        help="also time ResEnc L's 24 GB plan at this edge (3 steps after 1 warm-up; 0: no)")
     args = parser.parse_args()
     make_dataset(args.workdir)
     configs = nnunet_plans(args.workdir)
     import torch
 
-    from monai_ckpt.nnunet.plans import _network_factory, plan_configuration, predicted_step_peak
+    from monai_ckpt.nnunet.plans import _network_factory, fastest_policy, plan_configuration, predicted_step_peak
     from monai_ckpt.profiling import step_time_ratios
 
     print(f"torch {torch.__version__}; CPU: {_cpu()}; threads {torch.get_num_threads()}")
@@ -97,28 +101,56 @@ def main() -> None:
               f"{arch['arch_kwargs']['n_stages']} | {params / 1e6:.0f}M | {plain / GiB:.2f} GiB | "
               f"{peaks['cheap'] / GiB:.2f} GiB ({peaks['cheap'] / plain:.0%}) | {peaks['all'] / GiB:.2f} GiB "
               f"({peaks['all'] / plain:.0%}) |", flush=True)
+    print("\nThe issue's targets: the fastest policy monai_ckpt.plan finds for the step under each budget (fastest_policy),"
+          " its predicted peak and modelled step time:")
+    print("| plans | patch | budget | predicted peak | modelled step time | policy |")
+    print("|---|---|---|---|---|---|")
+    targets = {"ResEnc L (24 GB)": 10.0, "ResEnc L for 48 GB": 21.6}
+    planned = {}
+    for label, budget_gib in targets.items():
+        c = configs[label][0]
+        arch, patch, batch = c["architecture"], c["patch_size"], c["batch_size"]
+        policy, ratio = fastest_policy(arch, patch, batch, 1, 3, int(budget_gib * GiB), batch_dice=c["batch_dice"])
+        peak = predicted_step_peak(arch, patch, batch, 1, 3, policy, batch_dice=c["batch_dice"])
+        planned[label] = policy
+        print(f"| {label} | {'x'.join(map(str, patch))} | {budget_gib} GiB | {peak / GiB:.2f} GiB | {ratio:.2f}x | "
+              f"{json.dumps(policy)} |", flush=True)
     source, _ = configs["ResEnc L (24 GB)"]
     print("\nplan_configuration from ResEnc L's 3d_fullres (headroom 10%):")
-    print("| GPU | patch | voxels vs ResEnc L's | policy | predicted peak | without checkpointing |")
-    print("|---|---|---|---|---|---|")
-    for gpu in (12, 16, 24):
-        p = plan_configuration(source, gpu, 1, 3)
+    print("| GPU | patch | voxels vs ResEnc L's | predicted peak | modelled step time | without checkpointing | "
+          "policy |")
+    print("|---|---|---|---|---|---|---|")
+    for gpu, keep in ((12, True), (12, False), (16, False), (24, False)):
+        p = plan_configuration(source, gpu, 1, 3, keep_patch=keep)
         plain = "" if p.plain_peak_bytes is None else f"{p.plain_peak_bytes / GiB:.2f} GiB"
-        print(f"| {gpu} GiB | {'x'.join(map(str, p.patch_size))} | "
-              f"{np.prod(p.patch_size) / np.prod(source['patch_size']):.2f}x | {json.dumps(p.checkpoint_policy)} | "
-              f"{p.predicted_peak_bytes / GiB:.2f} GiB of {p.budget_bytes / GiB:.2f} | {plain} |", flush=True)
+        ratio = "" if p.predicted_time_ratio is None else f"{p.predicted_time_ratio:.2f}x"
+        print(f"| {gpu} GiB{' (--keep-patch)' if keep else ''} | {'x'.join(map(str, p.patch_size))} | "
+              f"{np.prod(p.patch_size) / np.prod(source['patch_size']):.2f}x | "
+              f"{p.predicted_peak_bytes / GiB:.2f} GiB of {p.budget_bytes / GiB:.2f} | {ratio} | {plain} | "
+              f"{json.dumps(p.checkpoint_policy)} |", flush=True)
     if args.times:
         shape = (2, 1, args.times, args.times, args.times)
-        print(f"\nCPU step-time ratio to the plain network, {shape}, fp32, SGD, 5 interleaved steps after 1 warm-up "
-              "(user CPU time):")
-        print("| network | \"cheap\" | \"all\" |")
-        print("|---|---|---|")
-        for label in ("default (nnUNetPlans, 8 GB)", "ResEnc L (24 GB)"):
+        print(f"\nCPU step-time ratio to the plain network, {shape}, fp32 (nnU-Net trains without autocast on the "
+              "CPU), SGD, 5 interleaved steps after 1 warm-up (user CPU time); \"planned\": the policy above:")
+        print("| network | \"cheap\" | \"all\" | planned |")
+        print("|---|---|---|---|")
+        for label in ("default (nnUNetPlans, 8 GB)", *targets):
             arch = configs[label][0]["architecture"]
-            factories = [_network_factory(arch, 1, 3, p) for p in ("none", "cheap", "all")]
+            policies = ["none", "cheap", "all"] + ([planned[label]] if label in planned else [])
+            factories = [_network_factory(arch, 1, 3, p) for p in policies]
             torch.manual_seed(0)
             _, ratios = step_time_ratios(factories, shape, optimizer="sgd", clock="user")
-            print(f"| {label} | {ratios[1]:.2f}x | {ratios[2]:.2f}x |", flush=True)
+            print(f"| {label} | {ratios[1]:.2f}x | {ratios[2]:.2f}x | "
+                  f"{f'{ratios[3]:.2f}x' if len(ratios) > 3 else ''} |", flush=True)
+    if args.times_large:
+        label = "ResEnc L (24 GB)"
+        shape = (2, 1, *[args.times_large] * 3)
+        factories = [_network_factory(configs[label][0]["architecture"], 1, 3, p)
+                     for p in ("none", "cheap", "all", planned[label])]
+        torch.manual_seed(0)
+        _, ratios = step_time_ratios(factories, shape, steps=3, optimizer="sgd", clock="user")
+        print(f"\n{label} at {shape}, 3 interleaved steps after 1 warm-up: \"cheap\" {ratios[1]:.2f}x, \"all\" "
+              f"{ratios[2]:.2f}x, planned {ratios[3]:.2f}x", flush=True)
 
 
 def _cpu() -> str:

@@ -10,7 +10,8 @@ predicts the peak of one training step as nnU-Net runs it: the checkpoint-aware 
 nnU-Net's loss (Dice + cross-entropy over the deep-supervision heads, weighted as nnUNetTrainer weights them, the
 targets at each scale in int16 as its data loader gives them), autocast, SGD with momentum (`predicted_step_peak`:
 `monai_ckpt.profiling.measure_step_memory` on fake tensors, exact for live tensors, plus the momentum buffers). The
-largest patch whose step fits the budget with one of the allowed policies wins, with the fastest of them.
+largest patch whose step fits the budget with ``"all"`` wins, with the fastest policy that fits there: the one
+`monai_ckpt.plan` finds for that step (`fastest_policy`).
 
 The result is written as a new configuration (``"inherits_from"`` the source configuration, so it uses the same
 preprocessed data) with ``"checkpoint_policy"``, which ``nnUNetTrainerCkpt`` reads::
@@ -43,10 +44,9 @@ from ..profiling import LabelBatch, measure_step_memory
 from .networks import checkpoint_class_for, nnunet_network_classes
 
 __all__ = ["ConfigurationPlan", "NnUNetStepLoss", "add_plan_arguments", "architecture_for", "candidate_patches",
-           "plan_configuration", "predicted_step_peak", "run_plan", "write_configuration"]
+           "fastest_policy", "plan_configuration", "predicted_step_peak", "run_plan", "write_configuration"]
 
 GiB = 2**30
-DEFAULT_POLICIES = ("none", "cheap", "all")  # fastest first
 _MAX_FEATURES = {2: 512, 3: 320}  # nnU-Net's planners' UNet_max_features_2d / _3d
 _INITIAL_VOXELS = {2: 2048**2, 3: 256**3}  # nnU-Net's initial patch volume
 _MIN_EDGE = 4  # nnU-Net's UNet_featuremap_min_edge_length
@@ -81,12 +81,12 @@ class NnUNetStepLoss:
         self.scales = [tuple(int(s) for s in scale) for scale in np.cumprod(np.vstack(strides), axis=0)[:-1]]
         self.loss = DeepSupervisionWrapper(loss, _ds_weights(len(self.scales))) if deep_supervision else loss
         self.deep_supervision = deep_supervision
-        self._targets: list[torch.Tensor] | None = None
+        self._targets: list[torch.Tensor] = []
 
     def __call__(self, outputs: Any, label: torch.Tensor) -> torch.Tensor:
         if not self.deep_supervision:
             return self.loss(outputs, label)
-        if self._targets is None:
+        if not self._targets or self._targets[0] is not label:  # a new batch (the planner calls it at two sizes)
             spatial = label.shape[2:]
             self._targets = [label] + [torch.zeros((*label.shape[:2], *[n // s for n, s in zip(spatial, scale)]),
                                                    dtype=label.dtype, device=label.device) for scale in self.scales[1:]]
@@ -204,6 +204,8 @@ class ConfigurationPlan:
         predicted_peak_bytes: the predicted step peak with that policy; ``budget_bytes``: what it had to fit
             (the GPU's memory less the headroom).
         plain_peak_bytes: the same configuration without checkpointing.
+        predicted_time_ratio: the step time with that policy against none, as `monai_ckpt.plan` models it from
+            block times (None where the policy came from ``policies``).
         measured: every (patch, policy, peak bytes) measured, in order.
     """
 
@@ -215,6 +217,7 @@ class ConfigurationPlan:
     budget_bytes: int
     plain_peak_bytes: int | None
     measured: list[tuple[tuple[int, ...], str, int]] = field(default_factory=list)
+    predicted_time_ratio: float | None = None
 
 
 def _headroom_bytes(gpu_memory_gb: float, headroom_gb: float | None) -> int:
@@ -226,54 +229,100 @@ def _headroom_bytes(gpu_memory_gb: float, headroom_gb: float | None) -> int:
     return int(headroom_gb * GiB)
 
 
+def fastest_policy(architecture: dict, patch: Sequence[int], batch_size: int, in_channels: int, num_classes: int,
+                   budget_bytes: int, *, batch_dice: bool = True,
+                   progress: Callable[[str], None] | None = None) -> tuple[PolicySpec, float]:
+    """The fastest policy whose nnUNetTrainer step fits ``budget_bytes``, and its modelled step-time ratio:
+    `monai_ckpt.plan` (segments and blocks, each fully or cheaply recomputed, from block times measured on this
+    CPU at a small size) for the step `predicted_step_peak` describes, the momentum buffers taken off the budget.
+
+    Raises:
+        ValueError: when nothing fits (`monai_ckpt.plan`'s message).
+    """
+    from ..planner import plan
+    from ..planner.search import forget_planners
+
+    network = _network_factory(architecture, in_channels, num_classes, "none")()
+    momentum = _parameter_bytes(architecture, in_channels, num_classes)
+    strides = architecture["arch_kwargs"]["strides"]
+    try:
+        result = plan(network, patch, (budget_bytes - momentum) / GiB, batch_size=batch_size, amp=True,
+                      optimizer="sgd", loss=NnUNetStepLoss(strides, batch_dice),
+                      label=LabelBatch((batch_size, 1, *patch), torch.int16), progress=progress or False)
+    finally:
+        forget_planners(network)
+    return result.policy, result.predicted_time_ratio
+
+
 def plan_configuration(configuration: dict, gpu_memory_gb: float, in_channels: int, num_classes: int, *,
-                       policies: Sequence[PolicySpec] = DEFAULT_POLICIES, headroom_gb: float | None = None,
-                       batch_size: int | None = None, progress: Callable[[str], None] | None = None
-                       ) -> ConfigurationPlan:
+                       policies: Sequence[PolicySpec] | None = None, headroom_gb: float | None = None,
+                       batch_size: int | None = None, keep_patch: bool = False,
+                       progress: Callable[[str], None] | None = None) -> ConfigurationPlan:
     """The largest of nnU-Net's patches for ``configuration`` (a resolved plans configuration: spacing, median image,
-    architecture, batch size) whose nnUNetTrainer step fits ``gpu_memory_gb`` less headroom with one of ``policies``,
-    and the first of them (the fastest: give them fastest first) that fits there.
+    architecture, batch size) whose nnUNetTrainer step fits ``gpu_memory_gb`` less headroom, and the fastest policy
+    that fits there; with ``keep_patch``, the fastest policy with which the configuration's own patch fits.
+
+    The patch is the largest that fits with the least-memory policy (``"all"``, or the last of ``policies``). The
+    policy: ``"none"`` if that fits, else the fastest `monai_ckpt.plan` finds (`fastest_policy`: some segments
+    recomputed in full, some cheaply, some not at all), or with ``policies`` the first of them that fits.
 
     Args:
         configuration: the source configuration, e.g. ``PlansManager(plans).get_configuration("3d_fullres")
             .configuration``.
         gpu_memory_gb: the GPU's memory in GiB.
         in_channels, num_classes: the dataset's input channels and segmentation heads.
-        policies: checkpoint policies to choose from, fastest first; the last should need the least memory.
+        policies: checkpoint policies to choose from instead of the planner's, fastest first; the last should need
+            the least memory.
         headroom_gb: what of the GPU the step needs beyond live tensors (default 10%, at least 0.25 GiB).
         batch_size: patches per step (default: the configuration's).
+        keep_patch: keep the configuration's patch and network (e.g. ResEnc-L's plans on a 12 GB GPU): only the
+            policy is chosen.
         progress: called with a line for each measurement.
 
     Raises:
-        ValueError: when not even nnU-Net's smallest patch fits, for an unknown network or bad arguments.
+        ValueError: when not even nnU-Net's smallest patch fits (with ``keep_patch``: the configuration's patch),
+            for an unknown network or bad arguments.
     """
     if not gpu_memory_gb > 0:
         raise ValueError(f"gpu_memory_gb must be positive, got {gpu_memory_gb!r}.")
-    for policy in policies:
+    if policies is not None and not policies:
+        raise ValueError("policies must name at least one policy (or be None: the planner's).")
+    for policy in policies or ():
         validate_policy(policy)
     budget = int(gpu_memory_gb * GiB) - _headroom_bytes(gpu_memory_gb, headroom_gb)
     batch = int(batch_size or configuration["batch_size"])
     spacing, median = configuration["spacing"], configuration["median_image_size_in_voxels"]
     dims = len(spacing)
-    candidates = list(candidate_patches(spacing, median))
     source = configuration["architecture"]
+    if keep_patch:
+        kwargs = source["arch_kwargs"]
+        candidates = [(list(configuration["patch_size"]), kwargs["strides"], kwargs["kernel_sizes"])]
+    else:
+        candidates = list(candidate_patches(spacing, median))
+
+    def architecture(i: int) -> dict:
+        return source if keep_patch else architecture_for(source, dims, candidates[i][1], candidates[i][2])
+
+    batch_dice = configuration.get("batch_dice", True)
     measured: list[tuple[tuple[int, ...], str, int]] = []
     say = progress or (lambda line: None)
 
     def peak(i: int, policy: PolicySpec) -> int:
-        patch, strides, kernels = candidates[i]
-        arch = architecture_for(source, dims, strides, kernels)
-        value = predicted_step_peak(arch, patch, batch, in_channels, num_classes, policy,
-                                    batch_dice=configuration.get("batch_dice", True))
+        patch = candidates[i][0]
+        value = predicted_step_peak(architecture(i), patch, batch, in_channels, num_classes, policy, batch_dice=batch_dice)
         measured.append((tuple(patch), json.dumps(policy), value))
         say(f"patch {'x'.join(map(str, patch))}, batch {batch}, {json.dumps(policy)}: {value / GiB:.2f} GiB "
             f"(fits {budget / GiB:.2f}: {'yes' if value <= budget else 'no'})")
         return value
 
-    least = policies[-1]
+    least = policies[-1] if policies else "all"
     lo, hi = 0, len(candidates) - 1  # candidates[hi] must fit; find the first (largest) that fits
     if peak(0, least) <= budget:  # the largest fits (a large GPU, a small image): nothing to search
         hi = 0
+    elif keep_patch:
+        raise ValueError(f"the configuration's patch {candidates[0][0]} (batch {batch}) does not fit "
+                         f"{budget / GiB:.2f} GiB with {least!r}: {measured[-1][2] / GiB:.2f} GiB. Leave out "
+                         "keep_patch (--keep-patch) for the largest patch that fits, or lower the batch size.")
     elif peak(hi, least) > budget:
         raise ValueError(f"not even nnU-Net's smallest patch {candidates[hi][0]} (batch {batch}) fits "
                          f"{budget / GiB:.2f} GiB with {least!r}: {measured[-1][2] / GiB:.2f} GiB.")
@@ -283,20 +332,28 @@ def plan_configuration(configuration: dict, gpu_memory_gb: float, in_channels: i
             hi = mid
         else:
             lo = mid + 1
-    patch, strides, kernels = candidates[hi]
+    patch, arch = candidates[hi][0], architecture(hi)
     chosen, chosen_peak = least, next(v for p, s, v in measured if p == tuple(patch) and s == json.dumps(least))
-    plain = None  # measured when "none" is tried
-    for policy in policies[:-1]:
+    time_ratio = None
+    plain = peak(hi, "none") if policies is None or "none" in policies else None
+    if plain is not None and plain <= budget:
+        chosen, chosen_peak = "none", plain
+    elif policies is None:
+        say(f"patch {'x'.join(map(str, patch))}: searching the fastest policy under {budget / GiB:.2f} GiB")
+        policy, ratio = fastest_policy(arch, patch, batch, in_channels, num_classes, budget, batch_dice=batch_dice,
+                                       progress=say)
         value = peak(hi, policy)
-        if policy == "none":
-            plain = value
-        if value <= budget:
-            chosen, chosen_peak = policy, value
-            break
-    if plain is None and "none" not in policies:
-        plain = None
-    return ConfigurationPlan(list(patch), batch, architecture_for(source, dims, strides, kernels), chosen, chosen_peak,
-                             budget, plain, measured)
+        if value <= budget:  # the planner's peak is this one (the same step): checked, not assumed
+            chosen, chosen_peak, time_ratio = policy, value, ratio
+    else:
+        for policy in policies[:-1]:
+            if policy == "none":
+                continue
+            value = peak(hi, policy)
+            if value <= budget:
+                chosen, chosen_peak = policy, value
+                break
+    return ConfigurationPlan(list(patch), batch, arch, chosen, chosen_peak, budget, plain, measured, time_ratio)
 
 
 def write_configuration(plans_file: str | os.PathLike, name: str, source: str, plan: ConfigurationPlan,
@@ -328,6 +385,8 @@ def write_configuration(plans_file: str | os.PathLike, name: str, source: str, p
             "budget_gib": round(plan.budget_bytes / GiB, 3),
             "predicted_peak_gib": round(plan.predicted_peak_bytes / GiB, 3),
             "plain_peak_gib": None if plan.plain_peak_bytes is None else round(plan.plain_peak_bytes / GiB, 3),
+            "predicted_time_ratio": (None if plan.predicted_time_ratio is None
+                                     else round(plan.predicted_time_ratio, 3)),
             "trainer": "nnUNetTrainerCkpt",
             "command": command,
         },
@@ -356,9 +415,11 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--configuration", default="3d_fullres", help="source configuration (3d_fullres)")
     parser.add_argument("--gpu-memory-gb", type=float, required=True, help="the GPU's memory, GiB")
     parser.add_argument("--headroom-gb", type=float, help="beyond live tensors (default 10%%, >= 0.25)")
-    parser.add_argument("--policies", default=json.dumps(list(DEFAULT_POLICIES)),
-                        help='JSON list of checkpoint policies, fastest first (default ["none", "cheap", "all"])')
+    parser.add_argument("--policies", help='JSON list of checkpoint policies to choose from, fastest first, e.g. '
+                        '\'["none", "cheap", "all"]\' (default: the fastest monai_ckpt.plan finds)')
     parser.add_argument("--batch-size", type=int, help="patches per step (default: the source configuration's)")
+    parser.add_argument("--keep-patch", action="store_true",
+                        help="keep the source configuration's patch and network; choose only the policy")
     parser.add_argument("--name", help="the new configuration (default SOURCE_ckptXgb)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
 
@@ -384,12 +445,13 @@ def run_plan(args: argparse.Namespace) -> int:
         if labels.has_regions:
             raise ValueError("region-based labels (DC_and_BCE_loss) are not planned yet: plan a dataset with classes.")
         configuration = manager.get_configuration(args.configuration).configuration
-        policies = json.loads(args.policies)
-        if not isinstance(policies, list) or not policies:
+        policies = None if args.policies is None else json.loads(args.policies)
+        if policies is not None and (not isinstance(policies, list) or not policies):
             raise ValueError(f"--policies must be a JSON list of policies, got {args.policies!r}.")
         channels = len(dataset.get("channel_names", dataset.get("modality", {})))
         plan = plan_configuration(configuration, args.gpu_memory_gb, channels, labels.num_segmentation_heads,
                                   policies=policies, headroom_gb=args.headroom_gb, batch_size=args.batch_size,
+                                  keep_patch=args.keep_patch,
                                   progress=lambda line: print(line, file=sys.stderr))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -401,6 +463,7 @@ def run_plan(args: argparse.Namespace) -> int:
           f"{plan.architecture['arch_kwargs']['n_stages']} stages, checkpoint_policy "
           f"{json.dumps(plan.checkpoint_policy)}: predicted peak {plan.predicted_peak_bytes / GiB:.2f} GiB of "
           f"{plan.budget_bytes / GiB:.2f} GiB"
+          + ("" if plan.predicted_time_ratio is None else f", step time x{plan.predicted_time_ratio:.2f} (modelled)")
           + ("" if plan.plain_peak_bytes is None
              else f" (without checkpointing {plan.plain_peak_bytes / GiB:.2f} GiB)"))
     if args.dry_run:

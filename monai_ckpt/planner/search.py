@@ -31,7 +31,7 @@ from .profile import ChainProfile, chain_times, profile_chain
 from .result import GiB, Plan, format_size
 from .step import FakeStep, PlannedStep, make_step
 
-__all__ = ["FIXED_POLICIES", "Planner", "get_planner", "network_key", "spec_text"]
+__all__ = ["FIXED_POLICIES", "Planner", "forget_planners", "get_planner", "network_key", "spec_text"]
 
 class Planner:
     """Profiles once (on first use), then answers: the measured peak of a policy, the model's peak and time,
@@ -197,7 +197,7 @@ class Planner:
                     self.fastest(limit, tries=8)
         else:
             self.progress(f"searching the fastest policy under {format_size(limit)}")
-            found = self.fastest(limit, tries=5)
+            found = self.fastest(limit, tries=5) or self.fastest(limit, tries=8)  # as below "all": bracket further
             best_time = self.time_ratio(found[0]) if found else math.inf
             for fixed in FIXED_POLICIES:  # never slower than a fixed policy that fits (the model is within ~10% of
                 # the measured peak: one it puts further above the budget is not measured)
@@ -330,3 +330,10 @@ def get_planner(network: nn.Module, input_shape: tuple[int, ...], amp: bool, opt
     while len(_PLANNERS) > _PLANNER_CACHE_SIZE:
         _PLANNERS.popitem(last=False)
     return planner
+
+
+def forget_planners(network: nn.Module) -> None:
+    """Drop the kept planners of ``network``: a caller that built the network for one question frees its weights
+    and profile (a clinical nnU-Net network and its timing replicas are gigabytes)."""
+    for key in [key for key, planner in _PLANNERS.items() if planner.network is network]:
+        del _PLANNERS[key]

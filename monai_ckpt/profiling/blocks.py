@@ -261,7 +261,10 @@ def block_costs(
                 def pack(t: torch.Tensor, saved=saved, before=before, recorder=recorder) -> torch.Tensor:
                     saved.update((k, st) for k, st in storages_of(t).items() if k not in params and k not in before)
                     recorder.saved()
-                    return t
+                    # an alias without grad_fn: a node that saves its own output (an in-place LeakyReLU) would hold
+                    # the tensor that holds it, a cycle through autograd that Python's gc cannot see; these forwards
+                    # have no backward to break it, so every timed network stayed alive
+                    return t.detach()
 
                 t0 = clock()
                 with torch.autocast(x.device.type, dtype=autocast_dtype(x.device), enabled=amp):
