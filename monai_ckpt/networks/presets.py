@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..arguments import positive_int
-from ..checkpoint import NATURAL_BLOCKS as _BLOCKS_OF_PARENT
 
 if TYPE_CHECKING:
     from torch import nn
@@ -88,12 +87,15 @@ NETWORKS: dict[str, tuple[str, str, Callable[[int, int], dict]]] = {
     "segresnetds": ("SegResNetDS", "CheckpointSegResNetDS", _segresnetds),
 }
 
-# What a user would checkpoint by hand on the plain parent (`checkpoint_submodules` on these block classes, as
-# `monai_ckpt.checkpoint.NATURAL_BLOCKS` has them for the parent's class), and the parent's own checkpointing switch:
-# the benchmark's comparison rows for these networks.
+# What a user would checkpoint by hand on the plain parent (`checkpoint_submodules` on these block classes), and
+# the parent's own checkpointing switch: the benchmark's comparison rows.
 NATURAL_BLOCKS: dict[str, tuple[str, ...]] = {
-    name: _BLOCKS_OF_PARENT[NETWORKS[name][0]]
-    for name in ("segresnet", "swinunetr", "attentionunet", "basicunet", "basicunetplusplus", "segresnetds")
+    "segresnet": ("ResBlock",),
+    "swinunetr": ("SwinTransformerBlock", "UnetResBlock"),
+    "attentionunet": ("ConvBlock", "AttentionBlock"),
+    "basicunet": ("TwoConv",),
+    "basicunetplusplus": ("TwoConv",),
+    "segresnetds": ("SegResBlock",),
 }
 PARENT_OWN_CHECKPOINT: dict[str, dict] = {"swinunetr": {"use_checkpoint": True}}
 

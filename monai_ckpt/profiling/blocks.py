@@ -108,7 +108,7 @@ def storage_bytes(storages: dict[int, torch.UntypedStorage]) -> int:
 class _OpRecorder(TorchDispatchMode):
     """Records the storages of convolution/matmul outputs (what a cheap checkpoint keeps), the parameters
     used, and, when timing, the time of all operators and of the others (what a cheap checkpoint recomputes),
-    and both as they stood when the last tensor was saved for backward (call `saved()` from a pack hook)."""
+    and both as they stood when the last tensor was saved for backward (call `saved(t)` from a pack hook)."""
 
     def __init__(self, params: dict[int, torch.UntypedStorage], timing: bool,
                  clock: Callable[[], float] = time.process_time) -> None:
@@ -118,11 +118,23 @@ class _OpRecorder(TorchDispatchMode):
         self.used: dict[int, torch.UntypedStorage] = {}
         self.ops_s = self.recompute_s = 0.0
         self.at_last_save = (0.0, 0.0)
+        self._uncounted = False
 
-    def saved(self) -> None:
+    def saved(self, t: torch.Tensor) -> torch.Tensor:
+        """Marks a save; returns what the pack hook keeps: an alias of ``t`` without its grad_fn, not counted as an
+        operator. A node that saves its own output (an in-place LeakyReLU) would otherwise hold the tensor that holds
+        it, a cycle through autograd that Python's gc cannot see: these forwards have no backward to break it, and
+        every timed network stayed alive."""
         self.at_last_save = (self.ops_s, self.recompute_s)
+        self._uncounted = True
+        try:
+            return t.detach()
+        finally:
+            self._uncounted = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if self._uncounted:
+            return func(*args, **(kwargs or {}))
         t0 = self.clock() if self.timing else 0.0
         out = func(*args, **(kwargs or {}))
         seconds = self.clock() - t0 if self.timing else 0.0
@@ -260,11 +272,7 @@ def block_costs(
 
                 def pack(t: torch.Tensor, saved=saved, before=before, recorder=recorder) -> torch.Tensor:
                     saved.update((k, st) for k, st in storages_of(t).items() if k not in params and k not in before)
-                    recorder.saved()
-                    # an alias without grad_fn: a node that saves its own output (an in-place LeakyReLU) would hold
-                    # the tensor that holds it, a cycle through autograd that Python's gc cannot see; these forwards
-                    # have no backward to break it, so every timed network stayed alive
-                    return t.detach()
+                    return recorder.saved(t)
 
                 t0 = clock()
                 with torch.autocast(x.device.type, dtype=autocast_dtype(x.device), enabled=amp):
