@@ -6,7 +6,7 @@ policy under 10 GiB for ResEnc-L's 24 GB plan and under 21.6 GiB (a 24 GB GPU le
 ratios of the default network and both ResEnc-L plans (interleaved, one process, user CPU time, fp32) at a small
 patch.
 
-    python docs/scripts/nnunet_presets.py WORKDIR [--times SIZE] [--times-large SIZE]
+    python docs/scripts/nnunet_presets.py WORKDIR [--times SIZE] [--times-large SIZE] [--amp]
 
 Needs ``pip install monai-ckpt[nnunet]``. The fingerprint (100 CT volumes, 512x512 in-plane at 0.6-1.0 mm, slices
 of 0.7-5 mm) is made up, not measured: it writes a dataset.json, a dataset_fingerprint.json and one 8^3 image (nnU-Net
@@ -77,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
     parser.add_argument("--times", type=int, default=64, help="patch edge for the CPU step-time ratios (0: none)")
+    parser.add_argument("--amp", action="store_true", help="time under bf16 autocast (as nnU-Net trains on a GPU)")
     parser.add_argument("--times-large", type=int, default=0,
                         help="also time ResEnc L's 24 GB plan at this edge (3 steps after 1 warm-up; 0: no)")
     args = parser.parse_args()
@@ -130,8 +131,9 @@ def main() -> None:
               f"{json.dumps(p.checkpoint_policy)} |", flush=True)
     if args.times:
         shape = (2, 1, args.times, args.times, args.times)
-        print(f"\nCPU step-time ratio to the plain network, {shape}, fp32 (nnU-Net trains without autocast on the "
-              "CPU), SGD, 5 interleaved steps after 1 warm-up (user CPU time); \"planned\": the policy above:")
+        precision = "bf16 autocast" if args.amp else "fp32 (nnU-Net trains without autocast on the CPU)"
+        print(f"\nCPU step-time ratio to the plain network, {shape}, {precision}, SGD, 5 interleaved steps after 1 "
+              "warm-up (user CPU time); \"planned\": the policy above:")
         print("| network | \"cheap\" | \"all\" | planned |")
         print("|---|---|---|---|")
         for label in ("default (nnUNetPlans, 8 GB)", *targets):
@@ -139,7 +141,7 @@ def main() -> None:
             policies = ["none", "cheap", "all"] + ([planned[label]] if label in planned else [])
             factories = [_network_factory(arch, 1, 3, p) for p in policies]
             torch.manual_seed(0)
-            _, ratios = step_time_ratios(factories, shape, optimizer="sgd", clock="user")
+            _, ratios = step_time_ratios(factories, shape, optimizer="sgd", clock="user", amp=args.amp)
             print(f"| {label} | {ratios[1]:.2f}x | {ratios[2]:.2f}x | "
                   f"{f'{ratios[3]:.2f}x' if len(ratios) > 3 else ''} |", flush=True)
     if args.times_large:
@@ -148,7 +150,7 @@ def main() -> None:
         factories = [_network_factory(configs[label][0]["architecture"], 1, 3, p)
                      for p in ("none", "cheap", "all", planned[label])]
         torch.manual_seed(0)
-        _, ratios = step_time_ratios(factories, shape, steps=3, optimizer="sgd", clock="user")
+        _, ratios = step_time_ratios(factories, shape, steps=3, optimizer="sgd", clock="user", amp=args.amp)
         print(f"\n{label} at {shape}, 3 interleaved steps after 1 warm-up: \"cheap\" {ratios[1]:.2f}x, \"all\" "
               f"{ratios[2]:.2f}x, planned {ratios[3]:.2f}x", flush=True)
 
