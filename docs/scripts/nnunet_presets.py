@@ -111,8 +111,8 @@ def main() -> None:
     for label, budget_gib in targets.items():
         c = configs[label][0]
         arch, patch, batch = c["architecture"], c["patch_size"], c["batch_size"]
-        policy, ratio = fastest_policy(arch, patch, batch, 1, 3, int(budget_gib * GiB), batch_dice=c["batch_dice"])
-        peak = predicted_step_peak(arch, patch, batch, 1, 3, policy, batch_dice=c["batch_dice"])
+        policy, peak, ratio = fastest_policy(arch, patch, batch, 1, 3, int(budget_gib * GiB),
+                                             batch_dice=c["batch_dice"])
         planned[label] = policy
         print(f"| {label} | {'x'.join(map(str, patch))} | {budget_gib} GiB | {peak / GiB:.2f} GiB | {ratio:.2f}x | "
               f"{json.dumps(policy)} |", flush=True)
@@ -129,30 +129,28 @@ def main() -> None:
               f"{np.prod(p.patch_size) / np.prod(source['patch_size']):.2f}x | "
               f"{p.predicted_peak_bytes / GiB:.2f} GiB of {p.budget_bytes / GiB:.2f} | {ratio} | {plain} | "
               f"{json.dumps(p.checkpoint_policy)} |", flush=True)
+    def ratios(label: str, edge: int, steps: int = 5) -> list[float]:
+        """Step-time ratios of "cheap", "all" and (where planned) the planned policy to none, interleaved."""
+        policies = ["none", "cheap", "all"] + ([planned[label]] if label in planned else [])
+        factories = [_network_factory(configs[label][0]["architecture"], 1, 3, p) for p in policies]
+        torch.manual_seed(0)
+        return step_time_ratios(factories, (2, 1, edge, edge, edge), steps=steps, optimizer="sgd", clock="user",
+                                amp=args.amp)[1][1:]
+
     if args.times:
-        shape = (2, 1, args.times, args.times, args.times)
         precision = "bf16 autocast" if args.amp else "fp32 (nnU-Net trains without autocast on the CPU)"
-        print(f"\nCPU step-time ratio to the plain network, {shape}, {precision}, SGD, 5 interleaved steps after 1 "
-              "warm-up (user CPU time); \"planned\": the policy above:")
+        print(f"\nCPU step-time ratio to the plain network, {(2, 1, *[args.times] * 3)}, {precision}, SGD, 5 "
+              "interleaved steps after 1 warm-up (user CPU time); \"planned\": the policy above:")
         print("| network | \"cheap\" | \"all\" | planned |")
         print("|---|---|---|---|")
         for label in ("default (nnUNetPlans, 8 GB)", *targets):
-            arch = configs[label][0]["architecture"]
-            policies = ["none", "cheap", "all"] + ([planned[label]] if label in planned else [])
-            factories = [_network_factory(arch, 1, 3, p) for p in policies]
-            torch.manual_seed(0)
-            _, ratios = step_time_ratios(factories, shape, optimizer="sgd", clock="user", amp=args.amp)
-            print(f"| {label} | {ratios[1]:.2f}x | {ratios[2]:.2f}x | "
-                  f"{f'{ratios[3]:.2f}x' if len(ratios) > 3 else ''} |", flush=True)
+            cells = [f"{r:.2f}x" for r in ratios(label, args.times)]
+            print(f"| {label} | {' | '.join(cells + [''] * (3 - len(cells)))} |", flush=True)
     if args.times_large:
         label = "ResEnc L (24 GB)"
-        shape = (2, 1, *[args.times_large] * 3)
-        factories = [_network_factory(configs[label][0]["architecture"], 1, 3, p)
-                     for p in ("none", "cheap", "all", planned[label])]
-        torch.manual_seed(0)
-        _, ratios = step_time_ratios(factories, shape, steps=3, optimizer="sgd", clock="user", amp=args.amp)
-        print(f"\n{label} at {shape}, 3 interleaved steps after 1 warm-up: \"cheap\" {ratios[1]:.2f}x, \"all\" "
-              f"{ratios[2]:.2f}x, planned {ratios[3]:.2f}x", flush=True)
+        cheap, all_, mixed = ratios(label, args.times_large, steps=3)
+        print(f"\n{label} at {(2, 1, *[args.times_large] * 3)}, 3 interleaved steps after 1 warm-up: \"cheap\" "
+              f"{cheap:.2f}x, \"all\" {all_:.2f}x, planned {mixed:.2f}x", flush=True)
 
 
 def _cpu() -> str:

@@ -180,11 +180,16 @@ def predicted_step_peak(architecture: dict, patch: Sequence[int], batch_size: in
     ``estimate``, else a real step on the CPU), plus the momentum buffers (one per parameter, alive all the time),
     which its ``"sgd"`` does not keep."""
     factory = _network_factory(architecture, in_channels, num_classes, policy)
-    strides = architecture["arch_kwargs"]["strides"]
-    measured = measure_step_memory(factory, (batch_size, in_channels, *patch), estimate=estimate, optimizer="sgd",
-                                   amp=amp, loss=NnUNetStepLoss(strides, batch_dice),
-                                   label=LabelBatch((batch_size, 1, *patch), torch.int16))
+    measured = measure_step_memory(factory, (batch_size, in_channels, *patch), estimate=estimate, amp=amp,
+                                   **_step_arguments(architecture, patch, batch_size, batch_dice))
     return measured.peak + _parameter_bytes(architecture, in_channels, num_classes)
+
+
+def _step_arguments(architecture: dict, patch: Sequence[int], batch_size: int, batch_dice: bool) -> dict:
+    """nnUNetTrainer's step as `measure_step_memory` and `monai_ckpt.plan` take it: SGD (its momentum buffers are
+    added by the callers), nnU-Net's loss and an int16 label batch."""
+    return {"optimizer": "sgd", "loss": NnUNetStepLoss(architecture["arch_kwargs"]["strides"], batch_dice),
+            "label": LabelBatch((batch_size, 1, *patch), torch.int16)}
 
 
 def _parameter_bytes(architecture: dict, in_channels: int, num_classes: int) -> int:
@@ -231,10 +236,11 @@ def _headroom_bytes(gpu_memory_gb: float, headroom_gb: float | None) -> int:
 
 def fastest_policy(architecture: dict, patch: Sequence[int], batch_size: int, in_channels: int, num_classes: int,
                    budget_bytes: int, *, batch_dice: bool = True,
-                   progress: Callable[[str], None] | None = None) -> tuple[PolicySpec, float]:
-    """The fastest policy whose nnUNetTrainer step fits ``budget_bytes``, and its modelled step-time ratio:
-    `monai_ckpt.plan` (segments and blocks, each fully or cheaply recomputed, from block times measured on this
-    CPU at a small size) for the step `predicted_step_peak` describes, the momentum buffers taken off the budget.
+                   progress: Callable[[str], None] | None = None) -> tuple[PolicySpec, int, float]:
+    """The fastest policy whose nnUNetTrainer step fits ``budget_bytes``, its peak (as `predicted_step_peak` gives
+    it, measured by the planner) and its modelled step-time ratio: `monai_ckpt.plan` (segments and blocks, each fully
+    or cheaply recomputed, from block times measured on this CPU at a small size) for the step `predicted_step_peak`
+    describes, the momentum buffers taken off the budget.
 
     Raises:
         ValueError: when nothing fits (`monai_ckpt.plan`'s message).
@@ -243,15 +249,13 @@ def fastest_policy(architecture: dict, patch: Sequence[int], batch_size: int, in
     from ..planner.search import forget_planners
 
     network = _network_factory(architecture, in_channels, num_classes, "none")()
-    momentum = _parameter_bytes(architecture, in_channels, num_classes)
-    strides = architecture["arch_kwargs"]["strides"]
+    momentum = sum(p.numel() * p.element_size() for p in network.parameters())
     try:
         result = plan(network, patch, (budget_bytes - momentum) / GiB, batch_size=batch_size, amp=True,
-                      optimizer="sgd", loss=NnUNetStepLoss(strides, batch_dice),
-                      label=LabelBatch((batch_size, 1, *patch), torch.int16), progress=progress or False)
+                      progress=progress or False, **_step_arguments(architecture, patch, batch_size, batch_dice))
     finally:
         forget_planners(network)
-    return result.policy, result.predicted_time_ratio
+    return result.policy, result.predicted_peak_bytes + momentum, result.predicted_time_ratio
 
 
 def plan_configuration(configuration: dict, gpu_memory_gb: float, in_channels: int, num_classes: int, *,
@@ -340,10 +344,10 @@ def plan_configuration(configuration: dict, gpu_memory_gb: float, in_channels: i
         chosen, chosen_peak = "none", plain
     elif policies is None:
         say(f"patch {'x'.join(map(str, patch))}: searching the fastest policy under {budget / GiB:.2f} GiB")
-        policy, ratio = fastest_policy(arch, patch, batch, in_channels, num_classes, budget, batch_dice=batch_dice,
-                                       progress=say)
-        value = peak(hi, policy)
-        if value <= budget:  # the planner's peak is this one (the same step): checked, not assumed
+        policy, value, ratio = fastest_policy(arch, patch, batch, in_channels, num_classes, budget,
+                                              batch_dice=batch_dice, progress=say)
+        measured.append((tuple(patch), json.dumps(policy), value))  # the planner measured this step's peak
+        if value <= budget:
             chosen, chosen_peak, time_ratio = policy, value, ratio
     else:
         for policy in policies[:-1]:

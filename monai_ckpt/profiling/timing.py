@@ -15,6 +15,7 @@ from .step import make_optimizer, training_step
 
 __all__ = ["device_clock", "interleaved_step_times", "step_time_ratios"]
 
+
 def interleaved_step_times(
     factories: Sequence[Callable[[], nn.Module]],
     input_shape: Sequence[int],
